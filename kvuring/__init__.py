@@ -1,0 +1,1 @@
+"""kvuring: an asyncio-native KV-cache block store on io_uring."""

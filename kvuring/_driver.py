@@ -1,0 +1,251 @@
+"""The driver: units of work, their tickets, and completion dispatch.
+
+A :class:`Unit` is one piece of work in flight: one linked chain of
+operations, or several chains one after another (a store that fails halfway
+follows up with a cleanup chain).  While in flight it holds a *ticket*, which
+is also its direct-descriptor slot, so at most ``engine.slots`` units run at
+once and the CQ can never overflow; units beyond that wait in FIFO order.
+
+The driver is written once and knows no event loop: the asyncio adapter, a
+polling front end or a blocking caller all drive it the same way::
+
+    driver.start(unit)      # prepares SQEs, or queues the unit
+    driver.flush()          # one submit for everything prepared
+    driver.process()        # reap, dispatch, start waiting units
+
+user_data layout: ``generation << 24 | ticket << 4 | step``.  The generation
+changes each time a ticket is reused, so a completion can never reach the
+wrong unit.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from collections import deque
+from collections.abc import Callable
+
+from kvuring import _binding as b
+from kvuring._ops import new_words
+from kvuring.engine import INTERNAL_TAG, Completions, Engine
+
+STEP_BITS = 4
+TICKET_BITS = 20
+MAX_STEPS = 1 << STEP_BITS
+TICKET_MASK = (1 << TICKET_BITS) - 1
+CANCEL_TAG = INTERNAL_TAG | 2
+
+_SKIP = b.SQE_CQE_SKIP_SUCCESS
+_LINK = b.SQE_IO_LINK
+_HARD = b.SQE_IO_HARDLINK
+
+
+class Unit:
+    """One piece of in-flight work; subclasses say what to submit and what results mean.
+
+    A subclass implements :meth:`begin` (write the first chain with
+    :meth:`op`), :meth:`on_cqe` (note one completion) and :meth:`end_chain`
+    (called once per chain after its last completion; write another chain
+    with :meth:`op` to continue, or write nothing to finish).  :meth:`aborted`
+    is called for a unit that never started because the driver closed.
+    """
+
+    __slots__ = ("_flags", "_ud", "_words", "cancelled", "ticket")
+
+    def __init__(self) -> None:
+        self.ticket = -1
+        self.cancelled = False
+        self._ud = 0
+        self._flags: list[int] = []
+        self._words: array[int] = _EMPTY
+
+    # -- for subclasses --------------------------------------------------------
+    def op(
+        self,
+        opcode: int,
+        flags: int,
+        fd: int = 0,
+        addr: int = 0,
+        length: int = 0,
+        offset: int = 0,
+        arg1: int = 0,
+        arg2: int = 0,
+        arg3: int = 0,
+    ) -> None:
+        """Append one operation to this unit's current chain; returns nothing, costs one extend."""
+        step = len(self._flags)
+        self._flags.append(flags)
+        self._words.extend(
+            (opcode, flags, fd & 0xFFFFFFFFFFFFFFFF, addr, length, offset, self._ud | step,
+             arg1, arg2, arg3)
+        )
+
+    def begin(self, slot: int) -> None:
+        raise NotImplementedError
+
+    def on_cqe(self, step: int, res: int) -> None:
+        raise NotImplementedError
+
+    def end_chain(self, slot: int) -> None:
+        """The current chain is over; write another with :meth:`op`, or nothing to finish."""
+
+    def aborted(self, exc: BaseException) -> None:
+        """The unit never ran (the driver closed first)."""
+
+
+_EMPTY: array[int] = new_words()
+
+
+class Driver:
+    """Tickets, submission batching and completion dispatch over one engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.skip_success = _SKIP if engine.features.get("cqe_skip_success") else 0
+        self._units: list[Unit | None] = [None] * engine.slots
+        self._free: list[int] = list(range(engine.slots - 1, -1, -1))
+        self._waiting: deque[Unit] = deque()
+        self._words = new_words()
+        self._generation = 0
+        self.in_flight = 0
+        self.stray_cqes = 0
+        self.units_started = 0
+        self.closed = False
+        #: called when the last in-flight unit finishes (for close())
+        self.on_idle: Callable[[], None] | None = None
+
+    # -- starting ----------------------------------------------------------------
+    def start(self, unit: Unit) -> None:
+        """Prepare ``unit``'s first chain now if a ticket is free, else queue it."""
+        if self.closed:
+            raise RuntimeError("kvuring driver is closed")
+        if self._free and not self._waiting:
+            self._launch(unit, self._free.pop())
+        else:
+            self._waiting.append(unit)
+
+    def _launch(self, unit: Unit, ticket: int) -> None:
+        self._generation = (self._generation + 1) & 0xFFFFFFFF
+        unit.ticket = ticket
+        unit._ud = (self._generation << 24) | (ticket << STEP_BITS)
+        unit._flags = []
+        unit._words = self._words
+        self._units[ticket] = unit
+        self.in_flight += 1
+        self.units_started += 1
+        unit.begin(ticket)
+        if not unit._flags:
+            # Nothing to submit after all (for example an empty request).
+            self._finish(unit)
+
+    def _start_waiting(self) -> None:
+        while self._free and self._waiting:
+            unit = self._waiting.popleft()
+            if not unit.cancelled:
+                self._launch(unit, self._free.pop())
+
+    def cancel(self, unit: Unit) -> None:
+        """Ask the kernel to cancel a unit's operations; a queued unit is just dropped.
+
+        The unit still receives every completion it is owed and keeps its
+        buffers until then.
+        """
+        unit.cancelled = True
+        if unit.ticket < 0 or self._units[unit.ticket] is not unit:
+            return
+        for step in range(len(unit._flags)):
+            self._words.extend(
+                (b.OP_ASYNC_CANCEL, 0, 0, unit._ud | step, 0, 0, CANCEL_TAG, 0, 0, 0)
+            )
+
+    # -- submitting ----------------------------------------------------------------
+    def has_pending(self) -> bool:
+        return bool(self._words)
+
+    def flush(self) -> None:
+        """One submit for every operation prepared since the last flush."""
+        if self._words:
+            # Engines consume the words before returning, so the one array
+            # every unit writes into is simply emptied.
+            try:
+                self.engine.submit(self._words)
+            except OSError as exc:
+                # The kernel took none of it: every operation fails with the
+                # submit's error, so no unit waits for a completion never coming.
+                uds = list(self._words[6 :: b.OP_WORDS])
+                del self._words[:]
+                self.dispatch((uds, [-(exc.errno or 5)] * len(uds)))
+            else:
+                del self._words[:]
+
+    # -- completing ----------------------------------------------------------------
+    def process(self) -> int:
+        """Reap and dispatch every available completion; start waiting units. Returns CQEs seen."""
+        uds, res = self.engine.reap()
+        if uds:
+            self.dispatch((uds, res))
+        return len(uds)
+
+    def dispatch(self, completions: Completions) -> None:
+        uds, results = completions
+        units = self._units
+        for ud, res in zip(uds, results):
+            if ud & INTERNAL_TAG:
+                continue
+            ticket = (ud >> STEP_BITS) & TICKET_MASK
+            unit = units[ticket] if ticket < len(units) else None
+            if unit is None or unit._ud != ud & ~(MAX_STEPS - 1):
+                self.stray_cqes += 1
+                continue
+            step = ud & (MAX_STEPS - 1)
+            unit.on_cqe(step, res)
+            flags = unit._flags[step]
+            # A chain is over after its last step, or after a failed step
+            # that carried CQE_SKIP_SUCCESS on a soft link: the kernel cancels
+            # the rest of the chain without posting their CQEs.
+            if step == len(unit._flags) - 1 or (
+                flags & _SKIP and flags & _LINK and not flags & _HARD
+            ):
+                unit._flags = []
+                unit.end_chain(ticket)
+                if not unit._flags:
+                    self._finish(unit)
+        self._start_waiting()
+
+    def _finish(self, unit: Unit) -> None:
+        ticket = unit.ticket
+        self._units[ticket] = None
+        self._free.append(ticket)
+        self.in_flight -= 1
+        if not self.in_flight and self.on_idle is not None:
+            self.on_idle()
+
+    # -- closing -----------------------------------------------------------------
+    def drain(self) -> None:
+        """Block until every started unit has finished (waiting units are started too)."""
+        while self.in_flight or self._waiting:
+            self.flush()
+            self.engine.drain(self.dispatch)
+            self.flush()
+
+    def close(self, exc: BaseException | None = None) -> None:
+        """Drain what is in flight, abort what never started, close the engine; idempotent."""
+        if self.closed:
+            return
+        if self.engine.owner_pid == os.getpid():
+            waiting, self._waiting = list(self._waiting), deque()
+            for unit in waiting:
+                if not unit.cancelled:
+                    unit.aborted(exc or RuntimeError("kvuring closed before the operation ran"))
+            self.drain()
+        self.closed = True
+        self.engine.close()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "in_flight": self.in_flight,
+            "waiting": len(self._waiting),
+            "units_started": self.units_started,
+            "stray_cqes": self.stray_cqes,
+        }
+

@@ -1,0 +1,544 @@
+"""Engines: something that runs batches of operation words and reports completions.
+
+Two engines share one interface:
+
+* :class:`Ring` owns one io_uring, a registered eventfd and a sparse table of
+  direct descriptors; the kernel runs the operations.
+* :class:`ThreadRing` runs the same words in a pool of threads with plain
+  syscalls (the chain runner is C, so the GIL is released for a whole chain),
+  for where io_uring is refused: seccomp (EPERM), ``kernel.io_uring_disabled``,
+  ENOSYS on old kernels or gVisor, or a needed opcode or feature missing.
+
+:func:`open_engine` picks one (``KVURING_BACKEND=auto|uring|threads``).
+Engines know nothing of what the operations mean; ``kvuring._driver`` does.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import threading
+from array import array
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from kvuring import _binding as b
+from kvuring._ops import chain_bounds
+
+log = logging.getLogger("kvuring")
+
+Backend = Literal["auto", "uring", "threads"]
+BACKENDS: tuple[str, ...] = ("auto", "uring", "threads")
+
+#: user_data with this bit set belongs to the engine itself (drain markers,
+#: cancel requests); the driver ignores those completions.
+INTERNAL_TAG = 1 << 63
+DRAIN_MARK = INTERNAL_TAG | 1
+
+# Opcodes kvuring's chains need; missing any of them means the thread engine.
+REQUIRED_OPCODES: dict[str, int] = {
+    "openat": b.OP_OPENAT,
+    "openat2": b.OP_OPENAT2,
+    "close": b.OP_CLOSE,
+    "read": b.OP_READ,
+    "write": b.OP_WRITE,
+    "renameat": b.OP_RENAMEAT,
+    "unlinkat": b.OP_UNLINKAT,
+    "mkdirat": b.OP_MKDIRAT,
+    "statx": b.OP_STATX,
+    "fsync": b.OP_FSYNC,
+    "async_cancel": b.OP_ASYNC_CANCEL,
+}
+OPTIONAL_OPCODES: dict[str, int] = {
+    "read_fixed": b.OP_READ_FIXED,
+    "write_fixed": b.OP_WRITE_FIXED,
+    "readv": b.OP_READV,
+    "writev": b.OP_WRITEV,
+    "link_timeout": b.OP_LINK_TIMEOUT,
+}
+
+
+class EngineUnavailable(OSError):
+    """io_uring cannot be used here (refused, missing, or lacking a needed feature)."""
+
+
+@dataclass
+class EngineStats:
+    """Counters an engine keeps; read them through ``stats()``."""
+
+    sqes_submitted: int = 0
+    enter_calls: int = 0
+    cqes_reaped: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+Completions = tuple[Sequence[int], Sequence[int]]
+
+
+class Engine:
+    """The interface both engines implement."""
+
+    name: str = "?"
+    #: how many direct-descriptor slots (and so how many chains) can be in flight
+    slots: int
+    #: kernel features and opcodes found at run time
+    features: dict[str, bool]
+
+    def __init__(self) -> None:
+        self.owner_pid = os.getpid()
+        self.closed = False
+        self._stats = EngineStats()
+
+    # -- ownership ---------------------------------------------------------
+    def check_owner(self) -> None:
+        """A ring belongs to the process that made it; a forked child must make its own."""
+        if self.closed:
+            raise RuntimeError(f"{self.name} engine is closed")
+        if os.getpid() != self.owner_pid:
+            raise RuntimeError(
+                f"this {self.name} engine belongs to process {self.owner_pid}; "
+                f"after fork() the child must open its own"
+            )
+
+    # -- the interface -------------------------------------------------------
+    def fileno(self) -> int:
+        """An eventfd that turns readable when completions may be waiting."""
+        raise NotImplementedError
+
+    def submit(self, words: array[int]) -> int:
+        """Hand every operation in ``words`` to the kernel (or the threads); returns the count."""
+        raise NotImplementedError
+
+    def reap(self) -> Completions:
+        """Every completion available now, as (user_data list, result list)."""
+        raise NotImplementedError
+
+    def wait(self, timeout: float | None) -> None:
+        """Block until completions may be available (or the timeout passes)."""
+        select.select([self.fileno()], [], [], timeout)
+
+    def drain(self, dispatch: Callable[[Completions], None]) -> None:
+        """Block until every submitted operation has completed, handing completions to dispatch."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, Any]:
+        s = self._stats
+        return {
+            "engine": self.name,
+            "sqes_submitted": s.sqes_submitted,
+            "enter_calls": s.enter_calls,
+            "cqes_reaped": s.cqes_reaped,
+            **s.extra,
+        }
+
+
+def _eventfd() -> int:
+    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+
+def _clear_eventfd(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
+
+
+# --------------------------------------------------------------------------
+# io_uring
+# --------------------------------------------------------------------------
+
+# Tried in order until the kernel accepts one; each later set drops what an
+# older kernel rejects with EINVAL.
+_SETUP_FLAG_SETS: tuple[tuple[str, ...], ...] = (
+    ("SUBMIT_ALL", "COOP_TASKRUN", "SINGLE_ISSUER", "DEFER_TASKRUN"),
+    ("SUBMIT_ALL", "COOP_TASKRUN", "SINGLE_ISSUER"),
+    ("SUBMIT_ALL", "COOP_TASKRUN"),
+    ("SUBMIT_ALL",),
+    (),
+)
+
+
+class Ring(Engine):
+    """One io_uring with a registered eventfd and a sparse direct-descriptor table.
+
+    ``entries`` is the SQ size; the CQ is sized so that ``slots`` chains of
+    up to 8 operations can never overflow it.  Create and use a ring on one
+    thread (with SINGLE_ISSUER the kernel enforces it).
+    """
+
+    name = "uring"
+
+    def __init__(self, slots: int = 256, *, entries: int | None = None) -> None:
+        super().__init__()
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        self.slots = slots
+        sq_entries = entries or _pow2(max(64, min(4096, slots * 8)))
+        self._ring = b.ffi.new("struct io_uring *")
+        self.setup_flags = self._setup(sq_entries, max(sq_entries * 2, _pow2(slots * 8)))
+        self._open = True
+        try:
+            self.features = self._probe()
+            missing = [k for k in (*REQUIRED_OPCODES, "linked_file") if not self.features[k]]
+            if missing:
+                raise EngineUnavailable(
+                    errno.EOPNOTSUPP, f"io_uring lacks {', '.join(missing)}"
+                )
+            self._efd = _eventfd()
+            _check(b.lib.io_uring_register_eventfd(self._ring, self._efd), "register_eventfd")
+            _check(b.lib.io_uring_register_files_sparse(self._ring, slots), "register_files_sparse")
+        except BaseException:
+            b.lib.io_uring_queue_exit(self._ring)
+            self._open = False
+            raise
+        self.defer_taskrun = bool(self.setup_flags & b.lib.IORING_SETUP_DEFER_TASKRUN)
+        cq = self._ring.cq.ring_entries
+        self._reap_ud = b.ffi.new("uint64_t[]", cq)
+        self._reap_res = b.ffi.new("int32_t[]", cq)
+        self._reap_max = cq
+        self._buffers_registered = False
+
+    def _setup(self, sq_entries: int, cq_entries: int) -> int:
+        last = 0
+        for names in _SETUP_FLAG_SETS:
+            params = b.ffi.new("struct io_uring_params *")
+            params.flags = b.lib.IORING_SETUP_CQSIZE
+            for n in names:
+                params.flags |= getattr(b.lib, f"IORING_SETUP_{n}")
+            params.cq_entries = cq_entries
+            res = b.lib.io_uring_queue_init_params(sq_entries, self._ring, params)
+            if res == 0:
+                self.params_features = int(params.features)
+                return int(params.flags)
+            last = res
+            if res != -errno.EINVAL:
+                break
+        raise EngineUnavailable(-last, f"io_uring_setup failed: {os.strerror(-last)}")
+
+    def _probe(self) -> dict[str, bool]:
+        feats = {
+            "cqe_skip_success": bool(self.params_features & b.lib.IORING_FEAT_CQE_SKIP),
+            "linked_file": bool(self.params_features & b.lib.IORING_FEAT_LINKED_FILE),
+            "nodrop": bool(self.params_features & b.lib.IORING_FEAT_NODROP),
+            "single_issuer": bool(self.setup_flags & b.lib.IORING_SETUP_SINGLE_ISSUER),
+            "defer_taskrun": bool(self.setup_flags & b.lib.IORING_SETUP_DEFER_TASKRUN),
+            "coop_taskrun": bool(self.setup_flags & b.lib.IORING_SETUP_COOP_TASKRUN),
+            "direct_descriptors": True,
+        }
+        probe = b.lib.io_uring_get_probe_ring(self._ring)
+        if probe == b.ffi.NULL:
+            raise EngineUnavailable(errno.ENOSYS, "io_uring opcode probe unavailable")
+        try:
+            for name, op in (*REQUIRED_OPCODES.items(), *OPTIONAL_OPCODES.items()):
+                feats[name] = bool(b.lib.io_uring_opcode_supported(probe, op))
+        finally:
+            b.lib.io_uring_free_probe(probe)
+        return feats
+
+    # -- submit / reap ---------------------------------------------------------
+    def fileno(self) -> int:
+        return self._efd
+
+    def submit(self, words: array[int]) -> int:
+        self.check_owner()
+        n = len(words) // b.OP_WORDS
+        if not n:
+            return 0
+        res = b.lib.kvu_prep_ops(self._ring, b.ffi.from_buffer("uint64_t[]", words), n)
+        if res == -errno.EBUSY:
+            return self._submit_in_parts(words)
+        if res < 0:
+            raise b.os_error(res)
+        self._enter()
+        self._stats.sqes_submitted += n
+        return n
+
+    def _submit_in_parts(self, words: array[int]) -> int:
+        # More than the SQ holds: submit whole chains as they fit.
+        ops = b.ffi.from_buffer("uint64_t[]", words)
+        done = 0
+        for first, count in chain_bounds(words):
+            while True:
+                res = b.lib.kvu_prep_ops(self._ring, ops + first * b.OP_WORDS, count)
+                if res != -errno.EBUSY:
+                    break
+                self._enter()
+            if res < 0:
+                raise b.os_error(res)
+            done += count
+        self._enter()
+        self._stats.sqes_submitted += done
+        return done
+
+    def _enter(self) -> None:
+        while True:
+            res = b.lib.io_uring_submit(self._ring)
+            self._stats.enter_calls += 1
+            if res >= 0:
+                return
+            if res in (-errno.EINTR, -errno.EAGAIN, -errno.EBUSY):
+                # EAGAIN/EBUSY: the CQ is backed up; the caller bounds in-flight
+                # work, so reaping in the next loop turn makes room.
+                if res != -errno.EINTR:
+                    return
+                continue
+            raise b.os_error(res)
+
+    def reap(self) -> Completions:
+        self.check_owner()
+        _clear_eventfd(self._efd)
+        if self.defer_taskrun:
+            # Deferred task work only runs when we enter the kernel for events.
+            b.lib.io_uring_get_events(self._ring)
+            self._stats.enter_calls += 1
+        uds: list[int] = []
+        res: list[int] = []
+        while True:
+            n = b.lib.kvu_reap(self._ring, self._reap_ud, self._reap_res, self._reap_max)
+            if not n:
+                break
+            uds += b.ffi.unpack(self._reap_ud, n)
+            res += b.ffi.unpack(self._reap_res, n)
+        self._stats.cqes_reaped += len(uds)
+        return uds, res
+
+    def pending(self) -> bool:
+        """True when CQEs wait in the CQ (for example ones completed inline at submit)."""
+        return bool(b.lib.io_uring_cq_ready(self._ring))
+
+    def drain(self, dispatch: Callable[[Completions], None]) -> None:
+        # IOSQE_IO_DRAIN starts the marker only after everything submitted
+        # before it has completed, so its CQE means the ring is empty.
+        self.check_owner()
+        from kvuring._ops import new_words
+
+        words = new_words()
+        words.extend((b.OP_NOP, b.SQE_IO_DRAIN, 0, 0, 0, 0, DRAIN_MARK, 0, 0, 0))
+        self.submit(words)
+        while True:
+            uds, res = self.reap()
+            if uds:
+                dispatch((uds, res))
+                if DRAIN_MARK in uds:
+                    return
+            if not self.pending():
+                b.lib.io_uring_submit_and_wait(self._ring, 1)
+                self._stats.enter_calls += 1
+
+    # -- registered buffers ----------------------------------------------------
+    def register_buffers(self, regions: Sequence[Any]) -> None:
+        """Register page-aligned regions (objects with the buffer protocol) for READ/WRITE_FIXED.
+
+        Raises OSError (ENOMEM when RLIMIT_MEMLOCK is too low); callers fall back
+        to plain reads and writes.
+        """
+        self.check_owner()
+        if self._buffers_registered:
+            b.lib.io_uring_unregister_buffers(self._ring)
+            self._buffers_registered = False
+        iov = b.ffi.new("struct iovec[]", len(regions))
+        self._pinned_regions = [b.pin_buffer(r, writable=True) for r in regions]
+        for i, pinned in enumerate(self._pinned_regions):
+            iov[i].iov_base = pinned
+            iov[i].iov_len = len(pinned)
+        _check(b.lib.io_uring_register_buffers(self._ring, iov, len(regions)), "register_buffers")
+        self._buffers_registered = True
+
+    def close(self) -> None:
+        """Release the ring; idempotent.  Drain in-flight work first (the driver does)."""
+        if self.closed:
+            return
+        self.closed = True
+        if os.getpid() == self.owner_pid:
+            b.lib.io_uring_unregister_eventfd(self._ring)
+        # In a forked child this only unmaps and closes the child's copies;
+        # the parent's ring lives on untouched.
+        b.lib.io_uring_queue_exit(self._ring)
+        os.close(self._efd)
+
+    def stats(self) -> dict[str, Any]:
+        out = super().stats()
+        out["setup_flags"] = [n for n in _SETUP_FLAG_SETS[0] if self.features.get(n.lower())]
+        return out
+
+
+def _pow2(n: int) -> int:
+    p = 1
+    while p < n:
+        p <<= 1
+    return p
+
+
+def _check(res: int, what: str) -> None:
+    if res < 0:
+        raise OSError(-res, f"io_uring {what}: {os.strerror(-res)}")
+
+
+# --------------------------------------------------------------------------
+# threads
+# --------------------------------------------------------------------------
+
+
+class ThreadRing(Engine):
+    """The same operations run by a thread pool, for where io_uring is refused.
+
+    Each linked chain goes to one worker, which runs it in C with the GIL
+    released and io_uring's link and CQE-skip rules; completions come back
+    through an eventfd exactly as a ring's do.
+    """
+
+    name = "threads"
+
+    def __init__(self, slots: int = 256, *, threads: int = 16) -> None:
+        super().__init__()
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        self.slots = slots
+        self.threads = threads
+        self.features = {k: True for k in (*REQUIRED_OPCODES, *OPTIONAL_OPCODES)}
+        self.features.update(cqe_skip_success=True, linked_file=True, direct_descriptors=True)
+        self.features["link_timeout"] = False
+        self._files = b.ffi.new("int[]", slots)
+        for i in range(slots):
+            self._files[i] = -1
+        self._efd = _eventfd()
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvuring")
+        self._lock = threading.Lock()
+        self._done_ud: list[int] = []
+        self._done_res: list[int] = []
+        self._running = 0
+        self._idle = threading.Condition(self._lock)
+
+    def fileno(self) -> int:
+        return self._efd
+
+    def submit(self, words: array[int]) -> int:
+        self.check_owner()
+        n = len(words) // b.OP_WORDS
+        for first, count in chain_bounds(words):
+            chain = words[first * b.OP_WORDS : (first + count) * b.OP_WORDS]
+            if count == 1 and chain[0] == b.OP_ASYNC_CANCEL:
+                # A chain a worker already runs cannot be stopped; say so at once.
+                self._post([chain[6]], [-errno.EALREADY])
+                continue
+            with self._lock:
+                self._running += 1
+            self._pool.submit(self._run, chain, count)
+        self._stats.sqes_submitted += n
+        return n
+
+    def _run(self, chain: array[int], count: int) -> None:
+        ud = b.ffi.new("uint64_t[]", count)
+        res = b.ffi.new("int32_t[]", count)
+        try:
+            posted = b.lib.kvu_run_chain(
+                b.ffi.from_buffer("uint64_t[]", chain), count, self._files, self.slots, ud, res
+            )
+            self._post(b.ffi.unpack(ud, posted), b.ffi.unpack(res, posted), finished=True)
+        except BaseException:
+            # Never lose a chain: report every op as failed.
+            self._post(
+                [chain[i * b.OP_WORDS + 6] for i in range(count)],
+                [-errno.EIO] * count,
+                finished=True,
+            )
+            raise
+
+    def _post(self, uds: Sequence[int], res: Sequence[int], *, finished: bool = False) -> None:
+        with self._lock:
+            self._done_ud += uds
+            self._done_res += res
+            if finished:
+                self._running -= 1
+                if not self._running:
+                    self._idle.notify_all()
+        os.eventfd_write(self._efd, 1)
+
+    def reap(self) -> Completions:
+        self.check_owner()
+        _clear_eventfd(self._efd)
+        with self._lock:
+            uds, res = self._done_ud, self._done_res
+            self._done_ud, self._done_res = [], []
+        self._stats.cqes_reaped += len(uds)
+        return uds, res
+
+    def drain(self, dispatch: Callable[[Completions], None]) -> None:
+        self.check_owner()
+        with self._lock:
+            while self._running:
+                self._idle.wait()
+        dispatch(self.reap())
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if os.getpid() == self.owner_pid:
+            self._pool.shutdown(wait=True)
+            for i in range(self.slots):
+                if self._files[i] >= 0:
+                    os.close(self._files[i])
+                    self._files[i] = -1
+        os.close(self._efd)
+
+    def stats(self) -> dict[str, Any]:
+        out = super().stats()
+        out["threads"] = self.threads
+        return out
+
+
+# --------------------------------------------------------------------------
+# choosing
+# --------------------------------------------------------------------------
+
+_chosen_logged = False
+
+
+def resolve_backend(backend: str | None) -> str:
+    """The backend asked for: the argument, else ``KVURING_BACKEND``, else ``auto``."""
+    chosen = backend if backend is not None else os.environ.get("KVURING_BACKEND", "auto")
+    if chosen not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {chosen!r}")
+    return chosen
+
+
+def open_engine(backend: str | None = None, *, slots: int = 256, threads: int = 16) -> Engine:
+    """Open an engine: io_uring when it works, else the thread pool (``auto``).
+
+    ``backend="uring"`` raises :class:`EngineUnavailable` instead of falling back.
+    The choice is logged once per process.
+    """
+    global _chosen_logged
+    chosen = resolve_backend(backend)
+    engine: Engine
+    reason = ""
+    if chosen == "threads":
+        engine = ThreadRing(slots, threads=threads)
+        reason = "asked for"
+    else:
+        try:
+            engine = Ring(slots)
+        except OSError as exc:
+            if chosen == "uring":
+                if isinstance(exc, EngineUnavailable):
+                    raise
+                raise EngineUnavailable(exc.errno, f"io_uring unavailable: {exc}") from exc
+            engine = ThreadRing(slots, threads=threads)
+            reason = f"io_uring unavailable ({exc.strerror or exc})"
+    if not _chosen_logged:
+        _chosen_logged = True
+        if engine.name == "uring":
+            log.info("kvuring engine: io_uring (%s)", ", ".join(
+                k for k in ("defer_taskrun", "single_issuer", "cqe_skip_success") if engine.features[k]
+            ))
+        else:
+            log.warning("kvuring engine: threads (%s)", reason)
+    return engine
