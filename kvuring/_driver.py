@@ -20,6 +20,7 @@ wrong unit.
 
 from __future__ import annotations
 
+import errno
 import os
 from array import array
 from collections import deque
@@ -39,6 +40,30 @@ _SKIP = b.SQE_CQE_SKIP_SUCCESS
 _LINK = b.SQE_IO_LINK
 _HARD = b.SQE_IO_HARDLINK
 
+# What makes a result fail its request (the kernel's REQ_F_FAIL), which is
+# what breaks a soft link; recorded per step by Unit.op, mirrored by
+# kvu_fails in build_uring.py.  A rule >= 0 is a read or write that must
+# move exactly that many bytes.
+_FAILS_IF_NEGATIVE = -1
+_FAILS_IF_CANCELLED = -2  # statx, mkdirat, unlinkat, renameat: an error is only a result
+_FAILS_IF_BAD_FD = -3  # fsync: likewise, except a bad fd (or a cancel)
+_RW_OPS = frozenset((b.OP_READ, b.OP_WRITE, b.OP_READ_FIXED, b.OP_WRITE_FIXED))
+_RULES = {
+    b.OP_STATX: _FAILS_IF_CANCELLED,
+    b.OP_MKDIRAT: _FAILS_IF_CANCELLED,
+    b.OP_UNLINKAT: _FAILS_IF_CANCELLED,
+    b.OP_RENAMEAT: _FAILS_IF_CANCELLED,
+    b.OP_FSYNC: _FAILS_IF_BAD_FD,
+}
+
+
+def _fails(res: int, rule: int) -> bool:
+    if rule >= 0:
+        return res != rule
+    if rule == _FAILS_IF_NEGATIVE:
+        return res < 0
+    return res == -errno.ECANCELED or (rule == _FAILS_IF_BAD_FD and res == -errno.EBADF)
+
 
 class Unit:
     """One piece of in-flight work; subclasses say what to submit and what results mean.
@@ -50,13 +75,15 @@ class Unit:
     is called for a unit that never started because the driver closed.
     """
 
-    __slots__ = ("_flags", "_ud", "_words", "cancelled", "ticket")
+    __slots__ = ("_flags", "_loud", "_rules", "_ud", "_words", "cancelled", "ticket")
 
     def __init__(self) -> None:
         self.ticket = -1
         self.cancelled = False
         self._ud = 0
         self._flags: list[int] = []
+        self._rules: list[int] = []
+        self._loud = False
         self._words: array[int] = _EMPTY
 
     # -- for subclasses --------------------------------------------------------
@@ -75,10 +102,15 @@ class Unit:
         """Append one operation to this unit's current chain; returns nothing, costs one extend."""
         step = len(self._flags)
         self._flags.append(flags)
+        self._rules.append(length if opcode in _RW_OPS else _RULES.get(opcode, _FAILS_IF_NEGATIVE))
         self._words.extend(
             (opcode, flags, fd & 0xFFFFFFFFFFFFFFFF, addr, length, offset, self._ud | step,
              arg1, arg2, arg3)
         )
+
+    def steps(self) -> int:
+        """How many operations the current chain has so far."""
+        return len(self._flags)
 
     def begin(self, slot: int) -> None:
         raise NotImplementedError
@@ -129,6 +161,8 @@ class Driver:
         unit.ticket = ticket
         unit._ud = (self._generation << 24) | (ticket << STEP_BITS)
         unit._flags = []
+        unit._rules = []
+        unit._loud = False
         unit._words = self._words
         self._units[ticket] = unit
         self.in_flight += 1
@@ -202,11 +236,22 @@ class Driver:
             flags = unit._flags[step]
             # A chain is over after its last step, or after a failed step
             # that carried CQE_SKIP_SUCCESS on a soft link: the kernel cancels
-            # the rest of the chain without posting their CQEs.
-            if step == len(unit._flags) - 1 or (
-                flags & _SKIP and flags & _LINK and not flags & _HARD
-            ):
+            # the rest of the chain without posting their CQEs.  A SKIP step
+            # that posts has failed -- unless an earlier failure without SKIP
+            # already cancelled it, and then every later step posts
+            # -ECANCELED too, so the chain only ends at its last step.
+            # (Ending it at the first such CQE handed the rest of the old
+            # chain's CQEs to the unit's next chain.)
+            over = step == len(unit._flags) - 1
+            if not over and flags & _LINK and not flags & _HARD:
+                if flags & _SKIP:
+                    over = not unit._loud
+                elif _fails(res, unit._rules[step]):
+                    unit._loud = True
+            if over:
                 unit._flags = []
+                unit._rules = []
+                unit._loud = False
                 unit.end_chain(ticket)
                 if not unit._flags:
                     self._finish(unit)

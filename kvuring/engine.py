@@ -365,7 +365,11 @@ class Ring(Engine):
 
     def stats(self) -> dict[str, Any]:
         out = super().stats()
-        out["setup_flags"] = [n for n in _SETUP_FLAG_SETS[0] if self.features.get(n.lower())]
+        # From the flags the kernel accepted: SUBMIT_ALL has no features entry,
+        # so deriving the list from self.features silently dropped it.
+        out["setup_flags"] = [
+            n for n in _SETUP_FLAG_SETS[0] if self.setup_flags & getattr(b.lib, f"IORING_SETUP_{n}")
+        ]
         return out
 
 

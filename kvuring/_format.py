@@ -1,0 +1,106 @@
+"""The on-disk block format and key naming.
+
+A verified block file (``verify=True``, suffix ``.kvb``) is the payload
+followed by one 4 KiB trailer page, so the payload starts at offset 0 and
+both parts stay O_DIRECT-aligned::
+
+    offset 0            payload (block_size bytes)
+    offset block_size   trailer (TRAILER_SIZE bytes, little-endian):
+        magic "KVUB" | version u16 | trailer size u16 | checksum algorithm u32
+        payload length u64 | key length u16 | 6 reserved bytes | key (64 bytes, zero padded)
+        payload xxh3-64 u64 | xxh3-64 of every trailer byte before this field u64
+        zeros to the end of the page
+
+A raw file (``verify=False``, suffix ``.bin``) is the payload alone, byte for
+byte what vLLM's FS tier writes.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+
+import xxhash
+
+TRAILER_SIZE = 4096
+MAGIC = b"KVUB"
+VERSION = 1
+ALGO_XXH3_64 = 1
+MAX_KEY_BYTES = 64
+
+_HEAD = struct.Struct("<4sHHIQH6x64sQ")
+_TAIL = struct.Struct("<Q")
+TRAILER_USED = _HEAD.size + _TAIL.size
+_ZEROS = bytes(TRAILER_SIZE - TRAILER_USED)
+
+VERIFIED_SUFFIX = ".kvb"
+RAW_SUFFIX = ".bin"
+
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9._-]+")
+
+checksum = xxhash.xxh3_64_intdigest
+
+
+def key_bytes(key: object) -> bytes:
+    """The canonical bytes of a key: ``bytes`` as is, an ``int`` as minimal big-endian bytes."""
+    if isinstance(key, bytes):
+        if not 1 <= len(key) <= MAX_KEY_BYTES:
+            raise ValueError(f"key must be 1 to {MAX_KEY_BYTES} bytes, got {len(key)}")
+        return bytes(key)
+    if isinstance(key, int) and not isinstance(key, bool):
+        if key < 0:
+            raise ValueError(f"int key must be >= 0, got {key}")
+        raw = key.to_bytes(max(1, (key.bit_length() + 7) // 8), "big")
+        if len(raw) > MAX_KEY_BYTES:
+            raise ValueError(f"int key needs {len(raw)} bytes; at most {MAX_KEY_BYTES}")
+        return raw
+    raise TypeError(f"key must be bytes or int, not {type(key).__name__}")
+
+
+def block_relpath(kb: bytes, suffix: str) -> tuple[str, str]:
+    """(leaf directory, file path) relative to the namespace: ``abc/de``, ``abc/de/<hex><suffix>``."""
+    hexed = kb.hex()
+    fan = hexed if len(hexed) >= 5 else hexed.ljust(5, "0")
+    leaf = f"{fan[0:3]}/{fan[3:5]}"
+    return leaf, f"{leaf}/{hexed}{suffix}"
+
+
+def check_namespace(namespace: object) -> str:
+    if not isinstance(namespace, str):
+        raise TypeError(f"namespace must be str, not {type(namespace).__name__}")
+    if (
+        not _NAMESPACE_RE.fullmatch(namespace)
+        or namespace in (".", "..")
+        or len(namespace) > 200
+    ):
+        raise ValueError(
+            f"namespace must match [A-Za-z0-9._-]+ (at most 200 characters) and not be "
+            f"'.' or '..'; got {namespace!r}"
+        )
+    return namespace
+
+
+def pack_trailer(page: memoryview, kb: bytes, payload_len: int, payload_sum: int) -> None:
+    """Write a complete trailer into ``page`` (TRAILER_SIZE bytes)."""
+    _HEAD.pack_into(page, 0, MAGIC, VERSION, TRAILER_SIZE, ALGO_XXH3_64, payload_len, len(kb), kb,
+                    payload_sum)  # fmt: skip
+    _TAIL.pack_into(page, _HEAD.size, checksum(page[: _HEAD.size]))
+    page[TRAILER_USED:TRAILER_SIZE] = _ZEROS
+
+
+def check_trailer(page: memoryview, kb: bytes, payload: memoryview) -> str | None:
+    """None when trailer and payload agree with each other and with the key; else why not."""
+    magic, version, size, algo, length, klen, key, psum = _HEAD.unpack_from(page, 0)
+    if magic != MAGIC:
+        return "bad magic"
+    if _TAIL.unpack_from(page, _HEAD.size)[0] != checksum(page[: _HEAD.size]):
+        return "trailer checksum mismatch"
+    if version != VERSION or size != TRAILER_SIZE or algo != ALGO_XXH3_64:
+        return f"unsupported format (version {version}, algorithm {algo})"
+    if length != len(payload):
+        return f"payload length {length}, expected {len(payload)}"
+    if key[:klen] != kb:
+        return "key mismatch"
+    if psum != checksum(payload):
+        return "payload checksum mismatch"
+    return None

@@ -1,0 +1,5 @@
+import sys
+
+from kvuring.bench import main
+
+sys.exit(main())

@@ -1,0 +1,57 @@
+"""The ``kvuring`` command: one subcommand per job (bench, info; scrub and gc to come)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from kvuring.bench import run_from_args
+
+    return run_from_args(args)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import kvuring
+
+    print(f"kvuring {kvuring.__version__}")
+    print(f"engine: {kvuring.backend_info()}")
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from kvuring.bench.config import add_arguments
+
+    parser = sub.add_parser(
+        "bench",
+        help="benchmark kvuring against a thread pool and fio",
+        description="Benchmark kvuring against the thread-pool seed and fio.",
+    )
+    add_arguments(parser)
+    parser.set_defaults(handler=_cmd_bench)
+
+
+def _add_info(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser("info", help="print the version and the I/O engine in use")
+    parser.set_defaults(handler=_cmd_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvuring", description=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_bench, _add_info):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    return handler(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,929 @@
+"""BlockStore: batched, atomic, verified KV-block stores and loads.
+
+Each block is one file ``<root>/<namespace>/<hex[0:3]>/<hex[3:5]>/<hex>``
+plus a suffix.  Every block operation is one :class:`~kvuring._driver.Unit`
+(the per-block state machine, written once here) driven by the asyncio
+adapter; the same units run on the io_uring engine and the thread engine.
+
+Chains (``S`` = CQE_SKIP_SUCCESS, ``L`` = link, ``H`` = hard link)::
+
+    store  [mkdir d1 H·S → mkdir d1/d2 H·S → openat2 d1/d2 O_PATH L·S]   (first use of a dir)
+           open tmp O_CREAT|O_EXCL L·S → write payload L·S → write trailer L·S
+           → close L·S → renameat RENAME_NOREPLACE
+    load   openat2 O_RDONLY L·S → read payload H·S → read trailer H·S → close
+    stat   statx
+    delete openat2 dir O_PATH L·S → unlinkat H·S → close
+
+A soft-linked step that fails ends its chain, so a rename never follows a
+failed or short write; the temp file is then closed and unlinked by a
+follow-up chain.  Temp files live in a per-process directory under
+``<namespace>/.tmp/``, guarded by an flock, so the next open can remove a
+dead writer's leftovers without touching a live one's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import secrets
+import shutil
+import stat
+from collections.abc import Sequence
+from typing import Any
+
+from kvuring import _binding as b
+from kvuring._driver import Unit
+from kvuring._format import (
+    RAW_SUFFIX,
+    TRAILER_SIZE,
+    VERIFIED_SUFFIX,
+    block_relpath,
+    check_namespace,
+    check_trailer,
+    checksum,
+    key_bytes,
+    pack_trailer,
+)
+from kvuring._types import Buffer
+from kvuring.aio import AsyncRing
+from kvuring.engine import resolve_backend
+
+log = logging.getLogger("kvuring")
+
+PAGE = mmap.PAGESIZE
+MAX_BLOCK_SIZE = 1 << 30
+MAX_RETRIES = 8
+RETRY_ERRNOS = frozenset((errno.EAGAIN, errno.EINTR))
+TMP_DIR = ".tmp"
+
+_S = b.SQE_CQE_SKIP_SUCCESS
+_L = b.SQE_IO_LINK
+_H = b.SQE_IO_HARDLINK
+_F = b.SQE_FIXED_FILE
+
+
+class Status(enum.Enum):
+    """The outcome for one block."""
+
+    STORED = "stored"  #: put wrote the block
+    EXISTS = "exists"  #: put found the block already there and left it alone
+    HIT = "hit"  #: get loaded the block and it checked out
+    MISS = "miss"  #: get found no block
+    CORRUPT = "corrupt"  #: get found a damaged block; it was removed
+    FAILED = "failed"  #: an OS error (ENOSPC, EACCES, EIO, ...); see the log and stats()
+
+
+def aligned_buffer(nbytes: int) -> mmap.mmap:
+    """A writable, page-aligned, zero-filled buffer of ``nbytes`` (anonymous mmap).
+
+    Slice it with ``memoryview`` into block-sized rows; rows whose offset is a
+    multiple of the block size stay aligned for O_DIRECT.
+    """
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool):
+        raise TypeError(f"nbytes must be int, not {type(nbytes).__name__}")
+    if nbytes <= 0:
+        raise ValueError(f"nbytes must be > 0, got {nbytes}")
+    return mmap.mmap(-1, nbytes)
+
+
+def _leaf_bytes(leaf: str) -> tuple[bytes, bytes]:
+    return leaf[:3].encode(), leaf.encode()
+
+
+# ----------------------------------------------------------------------------
+# one batch: results in order, one future for all
+# ----------------------------------------------------------------------------
+
+
+class _Batch:
+    __slots__ = ("errors", "fut", "pending", "results")
+
+    def __init__(self, n: int, fut: asyncio.Future[None]) -> None:
+        self.results: list[Any] = [None] * n
+        self.errors: list[OSError | None] = [None] * n
+        self.pending = n
+        self.fut = fut
+
+    def done(self, index: int, result: Any, error: OSError | None = None) -> None:
+        self.results[index] = result
+        self.errors[index] = error
+        self.pending -= 1
+        if not self.pending and not self.fut.done():
+            self.fut.set_result(None)
+
+
+# ----------------------------------------------------------------------------
+# per-block units
+# ----------------------------------------------------------------------------
+
+
+class _BlockUnit(Unit):
+    __slots__ = ("batch", "index", "kb", "path", "res", "retries", "store")
+
+    def __init__(self, store: BlockStore, batch: _Batch, index: int, kb: bytes, path: bytes) -> None:
+        super().__init__()
+        self.store = store
+        self.batch = batch
+        self.index = index
+        self.kb = kb
+        self.path = path
+        self.retries = 0
+        # One result per step of the current chain; None until a CQE arrives,
+        # and with CQE_SKIP_SUCCESS a step that succeeded never posts one.
+        self.res: list[int | None] = []
+
+    def on_cqe(self, step: int, res: int) -> None:
+        self.res[step] = res
+
+    def fail(self, res: int, path: bytes | None = None) -> OSError:
+        err = b.os_error(res, os.fsdecode(self.store.ns_path / (path or self.path)))
+        self.store._count_failure(err)
+        return err
+
+    def retry(self, res: int) -> bool:
+        """Whether to run the chain again after a transient ``res`` (EAGAIN, EINTR)."""
+        if -res not in RETRY_ERRNOS or self.cancelled or self.retries >= MAX_RETRIES:
+            return False
+        self.retries += 1
+        return True
+
+    def aborted(self, exc: BaseException) -> None:
+        err = exc if isinstance(exc, OSError) else OSError(errno.ECANCELED, str(exc))
+        self.batch.done(self.index, Status.FAILED, err)
+
+
+def _short(res: int | None, want: int) -> bool:
+    """A transfer that completed without error but moved fewer bytes than asked."""
+    return res is not None and 0 <= res != want
+
+
+class _PutUnit(_BlockUnit):
+    __slots__ = (
+        "bounce", "cpath", "ctmp", "dir_paths", "error", "exists", "leaf", "n_dir",
+        "payload_addr", "pinned", "psum", "retry_after_cleanup", "stage", "view",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        store: BlockStore,
+        batch: _Batch,
+        index: int,
+        kb: bytes,
+        path: bytes,
+        leaf: bytes,
+        view: memoryview,
+    ) -> None:
+        super().__init__(store, batch, index, kb, path)
+        self.leaf = leaf
+        self.view: memoryview | None = view
+        self.pinned: Any = b.pin_buffer(view, writable=False)
+        self.payload_addr = b.address_of(self.pinned)
+        self.bounce: mmap.mmap | None = None
+        if store.direct_io and self.payload_addr % store.mem_align:
+            self.bounce = store._bounce_get()
+            self.bounce[:] = view
+            self.payload_addr = store._bounce_addr(self.bounce)
+        self.psum = checksum(view) if store.verify else 0
+        self.cpath = b.c_path(path)
+        self.ctmp: Any = None
+        self.dir_paths: tuple[Any, ...] = ()
+        self.n_dir = 0
+        self.stage = "store"
+        self.error: OSError | None = None
+        self.exists = False
+        self.retry_after_cleanup = False
+
+    def begin(self, slot: int) -> None:
+        st = self.store
+        self.stage = "store"
+        self.ctmp = b.c_path(st._next_tmp_name(slot))
+        ns = st.ns_fd
+        self.n_dir = 0
+        if self.leaf not in st._dirs_ready:
+            # First use of this leaf directory by this process: make both
+            # levels (EEXIST is fine: hard links run on), then check the
+            # result is a real directory beneath the namespace, no symlinks.
+            self.dir_paths = (b.c_path(self.leaf[:3]), b.c_path(self.leaf))
+            c1, c2 = (b.address_of(c) for c in self.dir_paths)
+            self.op(b.OP_MKDIRAT, _H | _S, ns, c1, 0, 0, 0, 0o755)
+            self.op(b.OP_MKDIRAT, _H | _S, ns, c2, 0, 0, 0, 0o755)
+            self.op(b.OP_OPENAT2, _L | _S, ns, c2, 0, 0, 0, st._how_dir_addr, slot + 1)
+            self.n_dir = 3
+        self.op(b.OP_OPENAT, _L | _S, st.tmp_fd, b.address_of(self.ctmp), 0, 0,
+                st._put_flags, 0o644, slot + 1)  # fmt: skip
+        self.op(b.OP_WRITE, _L | _S | _F, slot, self.payload_addr, st.block_size, 0)
+        if st.verify:
+            pack_trailer(st._trailer(slot), self.kb, st.block_size, self.psum)
+            self.op(b.OP_WRITE, _L | _S | _F, slot, st._trailer_addr(slot), TRAILER_SIZE,
+                    st.block_size)  # fmt: skip
+        self.op(b.OP_CLOSE, _L | _S, 0, 0, 0, 0, 0, 0, slot + 1)
+        self._rename()
+
+    def _rename(self) -> None:
+        st = self.store
+        self.op(b.OP_RENAMEAT, 0, st.tmp_fd, b.address_of(self.ctmp), 0, 0,
+                b.RENAME_NOREPLACE if st.noreplace else 0, st.ns_fd, b.address_of(self.cpath))  # fmt: skip
+        self.res = [None] * self.steps()
+
+    def end_chain(self, slot: int) -> None:
+        if self.stage == "cleanup":
+            if self.retry_after_cleanup:
+                self.retry_after_cleanup = False
+                self.begin(slot)
+            elif self.exists:
+                self._finish(Status.EXISTS)
+            else:
+                self._finish(Status.FAILED, self.error)
+            return
+        if self.stage == "rename":
+            self._after_rename(self.res[0])
+            return
+        st = self.store
+        res = self.res
+        n = self.n_dir
+        if n:
+            if res[2] is not None and res[2] < 0:
+                # The directory could not be made, or is not a plain directory
+                # beneath the namespace (a symlink): never write through it.
+                mk = res[1]
+                why = mk if mk is not None and mk < 0 and mk != -errno.EEXIST else res[2]
+                self._finish(Status.FAILED, self.fail(why, self.leaf))
+                return
+            st._dirs_ready.add(self.leaf)
+        open_res = res[n]
+        if open_res is not None and open_res < 0:
+            if self.retry(open_res):
+                self.begin(slot)
+            else:
+                self._finish(Status.FAILED, self.fail(open_res))
+            return
+        writes = [(res[n + 1], st.block_size)]
+        if st.verify:
+            writes.append((res[n + 2], TRAILER_SIZE))
+        close_res = res[-2]
+        for wres, want in writes:
+            if wres is not None and wres < 0:
+                self._cleanup(slot, self.fail(wres), retry=self.retry(wres), close=True)
+                return
+            if _short(wres, want):
+                err = OSError(errno.ENOSPC, f"short write ({wres} of {want} bytes)",
+                              os.fsdecode(st.ns_path / self.path))  # fmt: skip
+                st._count_failure(err)
+                self._cleanup(slot, err, retry=False, close=True)
+                return
+        if close_res is not None and close_res < 0:
+            self._cleanup(slot, self.fail(close_res), retry=self.retry(close_res), close=True)
+            return
+        rename_res = res[-1]
+        self._after_rename(-errno.ECANCELED if rename_res is None else rename_res)
+
+    def _after_rename(self, res: int | None) -> None:
+        st = self.store
+        slot = self.ticket
+        if res == 0:
+            self._finish(Status.STORED)
+        elif res == -errno.EEXIST:
+            self.exists = True
+            self._cleanup(slot, None, retry=False, close=False)
+        elif res == -errno.EINVAL and st.noreplace:
+            # NFS, CephFS, Lustre and 9p reject RENAME_NOREPLACE; a plain
+            # rename is still atomic and only ever puts the same key's block
+            # in place.
+            log.warning("kvuring: %s rejects RENAME_NOREPLACE; using plain rename",
+                        os.fsdecode(st.ns_path.raw))  # fmt: skip
+            st.noreplace = False
+            self.stage = "rename"
+            self._rename()
+        else:
+            assert res is not None
+            self._cleanup(slot, self.fail(res), retry=self.retry(res), close=False)
+
+    def _cleanup(self, slot: int, err: OSError | None, *, retry: bool, close: bool) -> None:
+        # The rename never ran or failed: close the slot if a write failed
+        # (harmless when already closed) and remove the temp file.
+        self.stage = "cleanup"
+        self.error = err
+        self.retry_after_cleanup = retry
+        if close:
+            self.op(b.OP_CLOSE, _H | _S, 0, 0, 0, 0, 0, 0, slot + 1)
+        self.op(b.OP_UNLINKAT, 0, self.store.tmp_fd, b.address_of(self.ctmp), 0, 0, 0)
+        self.res = [None] * self.steps()
+
+    def _finish(self, status: Status, err: OSError | None = None) -> None:
+        st = self.store
+        if self.bounce is not None:
+            st._bounce_put(self.bounce)
+            self.bounce = None
+        self.pinned = self.view = None
+        if status is Status.STORED:
+            st._stats["stored"] += 1
+            st._stats["bytes_written"] += st.block_size
+        elif status is Status.EXISTS:
+            st._stats["exists"] += 1
+        self.batch.done(self.index, status, err)
+
+
+class _GetUnit(_BlockUnit):
+    __slots__ = ("bounce", "cpath", "pinned", "read_addr", "stage", "view")
+
+    def __init__(
+        self, store: BlockStore, batch: _Batch, index: int, kb: bytes, path: bytes, view: memoryview
+    ) -> None:
+        super().__init__(store, batch, index, kb, path)
+        self.view: memoryview | None = view
+        self.pinned: Any = b.pin_buffer(view, writable=True)
+        self.read_addr = b.address_of(self.pinned)
+        self.bounce: mmap.mmap | None = None
+        if store.direct_io and self.read_addr % store.mem_align:
+            self.bounce = store._bounce_get()
+            self.read_addr = store._bounce_addr(self.bounce)
+        self.cpath = b.c_path(path)
+        self.stage = "load"
+
+    def begin(self, slot: int) -> None:
+        st = self.store
+        self.op(b.OP_OPENAT2, _L | _S, st.ns_fd, b.address_of(self.cpath), 0, 0, 0,
+                st._how_read_addr, slot + 1)  # fmt: skip
+        # Hard links: the close runs whatever the reads did, so the slot is
+        # always freed; the reads' own results say what happened.
+        self.op(b.OP_READ, _H | _S | _F, slot, self.read_addr, st.block_size, 0)
+        if st.verify:
+            self.op(b.OP_READ, _H | _S | _F, slot, st._trailer_addr(slot), TRAILER_SIZE, st.block_size)
+        self.op(b.OP_CLOSE, 0, 0, 0, 0, 0, 0, 0, slot + 1)
+        self.res = [None] * self.steps()
+
+    def end_chain(self, slot: int) -> None:
+        if self.stage == "unlink":
+            self._finish(Status.CORRUPT)
+            return
+        st = self.store
+        res = self.res
+        open_res = res[0]
+        if open_res is not None and open_res < 0:
+            if open_res == -errno.ENOENT:
+                self._finish(Status.MISS)
+            elif self.retry(open_res):
+                self.begin(slot)
+            else:
+                self._finish(Status.FAILED, self.fail(open_res))
+            return
+        reads = [(res[1], st.block_size)]
+        if st.verify:
+            reads.append((res[2], TRAILER_SIZE))
+        why: str | None = None
+        for rres, want in reads:
+            if rres is not None and rres < 0:
+                if self.retry(rres):
+                    self.begin(slot)
+                else:
+                    self._finish(Status.FAILED, self.fail(rres))
+                return
+            if why is None and _short(rres, want):
+                why = f"short read ({rres} of {want} bytes)"
+        payload = memoryview(self.bounce)[: st.block_size] if self.bounce is not None else self.view
+        assert payload is not None
+        if why is None and st.verify:
+            why = check_trailer(st._trailer(slot), self.kb, payload)
+        if why is None:
+            if self.bounce is not None:
+                assert self.view is not None
+                self.view[:] = payload
+            self._finish(Status.HIT)
+            return
+        log.warning("kvuring: corrupt block %s (%s); removing it",
+                    os.fsdecode(st.ns_path / self.path), why)  # fmt: skip
+        st._stats["corrupt"] += 1
+        self.stage = "unlink"
+        self.op(b.OP_UNLINKAT, 0, st.ns_fd, b.address_of(self.cpath), 0, 0, 0)
+        self.res = [None]
+
+    def _finish(self, status: Status, err: OSError | None = None) -> None:
+        st = self.store
+        if self.bounce is not None:
+            st._bounce_put(self.bounce)
+            self.bounce = None
+        self.pinned = self.view = None
+        if status is Status.HIT:
+            st._stats["hits"] += 1
+            st._stats["bytes_read"] += st.block_size
+        elif status is Status.MISS:
+            st._stats["misses"] += 1
+        self.batch.done(self.index, status, err)
+
+
+class _StatUnit(_BlockUnit):
+    __slots__ = ("cpath",)
+
+    def __init__(self, store: BlockStore, batch: _Batch, index: int, kb: bytes, path: bytes) -> None:
+        super().__init__(store, batch, index, kb, path)
+        self.cpath = b.c_path(path)
+
+    def begin(self, slot: int) -> None:
+        st = self.store
+        self.op(b.OP_STATX, 0, st.ns_fd, b.address_of(self.cpath), 0, 0,
+                b.AT_SYMLINK_NOFOLLOW, b.STATX_BASIC_STATS, st._statx_addr(slot))  # fmt: skip
+        self.res = [None]
+
+    def end_chain(self, slot: int) -> None:
+        st = self.store
+        res = self.res[0]
+        assert res is not None
+        if res < 0 and self.retry(res):
+            self.begin(slot)
+            return
+        if res == 0:
+            sx = st._statx[slot]
+            present = stat.S_ISREG(sx.stx_mode) and sx.stx_size == st.file_size
+            self.batch.done(self.index, present)
+        elif res in (-errno.ENOENT, -errno.ENOTDIR):
+            self.batch.done(self.index, False)
+        else:
+            self.batch.done(self.index, False, self.fail(res))
+
+
+class _DeleteUnit(_BlockUnit):
+    __slots__ = ("cdir", "cpath")
+
+    def __init__(
+        self, store: BlockStore, batch: _Batch, index: int, kb: bytes, path: bytes, leaf: bytes
+    ) -> None:
+        super().__init__(store, batch, index, kb, path)
+        self.cpath = b.c_path(path)
+        self.cdir = b.c_path(leaf)
+
+    def begin(self, slot: int) -> None:
+        st = self.store
+        # Check the directories are real ones beneath the namespace before
+        # unlinking through them: a planted symlink must not redirect it.
+        self.op(b.OP_OPENAT2, _L | _S, st.ns_fd, b.address_of(self.cdir), 0, 0, 0,
+                st._how_dir_addr, slot + 1)  # fmt: skip
+        self.op(b.OP_UNLINKAT, _H | _S, st.ns_fd, b.address_of(self.cpath), 0, 0, 0)
+        self.op(b.OP_CLOSE, 0, 0, 0, 0, 0, 0, 0, slot + 1)
+        self.res = [None] * self.steps()
+
+    def end_chain(self, slot: int) -> None:
+        dir_res, unlink_res = self.res[0] or 0, self.res[1] or 0
+        if dir_res < 0:
+            if dir_res in (-errno.ENOENT, -errno.ENOTDIR):
+                self.batch.done(self.index, False)
+            else:
+                self.batch.done(self.index, False, self.fail(dir_res))
+            return
+        if unlink_res == 0:
+            self.store._stats["deleted"] += 1
+            self.batch.done(self.index, True)
+        elif unlink_res == -errno.ENOENT:
+            self.batch.done(self.index, False)
+        else:
+            self.batch.done(self.index, False, self.fail(unlink_res))
+
+
+# ----------------------------------------------------------------------------
+# the store
+# ----------------------------------------------------------------------------
+
+
+class BlockStore:
+    """A directory of KV-cache blocks, one file per block, keyed by block hash.
+
+    Open it with ``async with BlockStore(root, block_size) as store`` (or
+    ``await store.open()`` / ``await store.close()``) inside a running event
+    loop, asyncio or uvloop.  See docs/ for keys, the on-disk format, direct
+    I/O, and errors and statuses.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        block_size: int,
+        *,
+        namespace: str = "default",
+        backend: str = "auto",
+        direct: bool | str = "auto",
+        verify: bool = True,
+        queue_depth: int = 256,
+    ) -> None:
+        if not isinstance(block_size, int) or isinstance(block_size, bool):
+            raise TypeError(f"block_size must be int, not {type(block_size).__name__}")
+        if not 0 < block_size <= MAX_BLOCK_SIZE:
+            raise ValueError(f"block_size must be between 1 and {MAX_BLOCK_SIZE}, got {block_size}")
+        if direct not in ("auto", True, False):
+            raise ValueError(f"direct must be 'auto', True or False; got {direct!r}")
+        if not isinstance(queue_depth, int) or not 1 <= queue_depth <= 65536:
+            raise ValueError(f"queue_depth must be between 1 and 65536, got {queue_depth!r}")
+        self.root = os.path.abspath(os.fspath(root))
+        self.block_size = block_size
+        self.namespace = check_namespace(namespace)
+        self.backend_requested = resolve_backend(backend)
+        self.direct_requested = direct
+        self.verify = bool(verify)
+        self.queue_depth = queue_depth
+        self.suffix = VERIFIED_SUFFIX if self.verify else RAW_SUFFIX
+        self.file_size = block_size + (TRAILER_SIZE if self.verify else 0)
+        self.ns_path = _BytesPath(os.fsencode(os.path.join(self.root, self.namespace)))
+        self.direct_io = False
+        self.mem_align = 1
+        self.offset_align = 1
+        self.noreplace = True
+        self.ns_fd = -1
+        self.tmp_fd = -1
+        self._ring: AsyncRing | None = None
+        self._lock_fd = -1
+        self._owner_pid = os.getpid()
+        self._tmp_token = ""
+        self._tmp_seq = 0
+        self._dirs_ready: set[bytes] = set()
+        self._bounce_pool: list[mmap.mmap] = []
+        self._bounce_logged = False
+        self._failure_logged: set[int] = set()
+        self._stats: dict[str, int] = dict.fromkeys(
+            ("puts", "gets", "contains", "deletes", "stored", "exists", "hits", "misses",
+             "corrupt", "failures", "deleted", "bytes_written", "bytes_read", "bounced",
+             "stale_temp_dirs_removed"),
+            0,
+        )  # fmt: skip
+        self.closed = False
+
+    # -- life cycle ----------------------------------------------------------------
+    async def open(self) -> BlockStore:
+        """Create the directories, probe direct I/O, clean up dead writers' temp files, start the ring."""
+        if self._ring is not None:
+            return self
+        if self.closed:
+            raise RuntimeError("BlockStore is closed")
+        ns = os.path.join(self.root, self.namespace)
+        os.makedirs(self.root, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(ns, 0o755)
+        # O_NOFOLLOW: a symlink in place of the namespace would send every
+        # write somewhere else.
+        self.ns_fd = os.open(ns, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            self._open_tmp_dir()
+            self._probe_direct()
+            self._setup_memory()
+            self._ring = await AsyncRing(backend=self.backend_requested, queue_depth=self.queue_depth).open()
+        except BaseException:
+            self._close_fds()
+            raise
+        return self
+
+    async def __aenter__(self) -> BlockStore:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Finish every in-flight operation, release the ring and remove this process's temp dir."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._ring is not None:
+            await self._ring.close()
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        if self.tmp_fd >= 0 and self._tmp_token and os.getpid() == self._owner_pid:
+            tmp_root = os.path.join(self.root, self.namespace, TMP_DIR)
+            shutil.rmtree(os.path.join(tmp_root, self._tmp_token), ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(tmp_root, self._tmp_token + ".lock"))
+        for name in ("tmp_fd", "ns_fd", "_lock_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+    def _open_tmp_dir(self) -> None:
+        tmp_root = os.path.join(self.root, self.namespace, TMP_DIR)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(tmp_root, 0o700)
+        self._owner_pid = os.getpid()
+        self._remove_dead_writers(tmp_root)
+        token = f"{os.getpid()}-{secrets.token_hex(6)}"
+        # The lock is made under a temporary name and renamed once held, so
+        # a concurrent cleaner never sees an unheld lock of a live writer.
+        staging = os.path.join(tmp_root, f"{token}.locking")
+        self._lock_fd = os.open(staging, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(staging, os.path.join(tmp_root, f"{token}.lock"))
+        os.mkdir(os.path.join(tmp_root, token), 0o700)
+        self._tmp_token = token
+        self.tmp_fd = os.open(
+            os.path.join(tmp_root, token), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        )
+
+    def _remove_dead_writers(self, tmp_root: str) -> None:
+        for entry in os.scandir(tmp_root):
+            if not entry.name.endswith(".lock"):
+                continue
+            token = entry.name[: -len(".lock")]
+            try:
+                fd = os.open(entry.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)  # a live writer holds it
+                continue
+            try:
+                shutil.rmtree(os.path.join(tmp_root, token), ignore_errors=True)
+                os.unlink(entry.path)
+                self._stats["stale_temp_dirs_removed"] += 1
+                log.info("kvuring: removed temp files of dead writer %s", token)
+            finally:
+                os.close(fd)
+        # Temp dirs whose lock is gone (the writer died between the two unlinks).
+        for entry in os.scandir(tmp_root):
+            if entry.is_dir(follow_symlinks=False) and not os.path.exists(entry.path + ".lock"):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+    def _probe_direct(self) -> None:
+        if self.direct_requested is False:
+            return
+        why = ""
+        st = os.statvfs(os.path.join(self.root, self.namespace))
+        align = max(512, min(PAGE, st.f_bsize or PAGE))
+        probe = os.path.join(self.root, self.namespace, TMP_DIR, self._tmp_token, "direct-probe")
+        page = aligned_buffer(PAGE)
+        try:
+            fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC, 0o600)
+            try:
+                os.pwrite(fd, page, 0)
+                os.preadv(fd, [page], 0)
+            finally:
+                os.close(fd)
+                os.unlink(probe)
+        except OSError as exc:
+            why = f"O_DIRECT is not supported here ({exc.strerror})"
+        if not why and self.block_size % align:
+            why = f"block_size {self.block_size} is not a multiple of the {align}-byte direct I/O alignment"
+        if why:
+            if self.direct_requested is True:
+                raise OSError(errno.EINVAL, why, os.path.join(self.root, self.namespace))
+            log.info("kvuring: buffered I/O on %s: %s", self.root, why)
+            return
+        self.direct_io = True
+        self.mem_align = align
+        self.offset_align = align
+
+    def _setup_memory(self) -> None:
+        slots = self.queue_depth
+        self._trailers = aligned_buffer(slots * TRAILER_SIZE) if self.verify else None
+        self._trailers_view = memoryview(self._trailers) if self._trailers is not None else None
+        self._trailers_base = (
+            b.address_of(b.pin_buffer(self._trailers, writable=True)) if self._trailers else 0
+        )
+        self._statx = b.ffi.new("struct statx[]", slots)
+        self._statx_base = b.address_of(self._statx)
+        how = b.ffi.new("struct open_how[2]")
+        resolve = b.RESOLVE_BENEATH | b.RESOLVE_NO_SYMLINKS | b.RESOLVE_NO_MAGICLINKS
+        # No O_CLOEXEC on direct-descriptor opens: the kernel rejects it (EINVAL)
+        # since a direct descriptor is never in the fd table to begin with.
+        how[0].flags = os.O_RDONLY | (os.O_DIRECT if self.direct_io else 0)
+        how[0].resolve = resolve
+        how[1].flags = os.O_PATH | os.O_DIRECTORY
+        how[1].resolve = resolve
+        self._how = how
+        self._how_read_addr = b.address_of(how)
+        self._how_dir_addr = self._how_read_addr + b.ffi.sizeof("struct open_how")
+        self._put_flags = (
+            os.O_CREAT | os.O_EXCL | os.O_WRONLY | (os.O_DIRECT if self.direct_io else 0)
+        )
+
+    # -- helpers for units -----------------------------------------------------------
+    def _trailer(self, slot: int) -> memoryview:
+        assert self._trailers_view is not None
+        return self._trailers_view[slot * TRAILER_SIZE : (slot + 1) * TRAILER_SIZE]
+
+    def _trailer_addr(self, slot: int) -> int:
+        return self._trailers_base + slot * TRAILER_SIZE
+
+    def _statx_addr(self, slot: int) -> int:
+        return self._statx_base + slot * b.STATX_SIZE
+
+    def _next_tmp_name(self, slot: int) -> bytes:
+        self._tmp_seq += 1
+        return b"%d.%d" % (slot, self._tmp_seq)
+
+    def _bounce_get(self) -> mmap.mmap:
+        self._stats["bounced"] += 1
+        if not self._bounce_logged:
+            self._bounce_logged = True
+            log.warning(
+                "kvuring: buffer not aligned to %d bytes for O_DIRECT; copying through an aligned "
+                "buffer (use kvuring.aligned_buffer to avoid the copy)", self.mem_align,
+            )  # fmt: skip
+        return self._bounce_pool.pop() if self._bounce_pool else aligned_buffer(self.block_size)
+
+    @staticmethod
+    def _bounce_addr(buf: mmap.mmap) -> int:
+        # The mmap is never resized or closed while in use, so its address
+        # stays valid after the temporary pin is gone.
+        return b.address_of(b.pin_buffer(buf, writable=True))
+
+    def _bounce_put(self, buf: mmap.mmap) -> None:
+        if len(self._bounce_pool) < 32:
+            self._bounce_pool.append(buf)
+
+    def _count_failure(self, err: OSError) -> None:
+        self._stats["failures"] += 1
+        code = err.errno or 0
+        if code not in self._failure_logged:
+            self._failure_logged.add(code)
+            log.error("kvuring: block I/O failed: %s (further %s errors are only counted)",
+                      err, errno.errorcode.get(code, code))  # fmt: skip
+
+    # -- validation ------------------------------------------------------------------
+    def _ring_for_call(self) -> AsyncRing:
+        if self._ring is None:
+            raise RuntimeError("BlockStore is not open; use 'async with' or await open()")
+        if self.closed:
+            raise RuntimeError("BlockStore is closed")
+        return self._ring
+
+    def _views(self, bufs: Sequence[object], *, writable: bool) -> list[memoryview]:
+        """Flat byte views of the buffers, after checking size, contiguity and writability."""
+        views = []
+        size = self.block_size
+        for buf in bufs:
+            try:
+                view = memoryview(buf)  # type: ignore[arg-type]
+            except TypeError:
+                raise TypeError(
+                    f"buffer must support the buffer protocol, not {type(buf).__name__}"
+                ) from None
+            if view.nbytes != size:
+                raise ValueError(f"buffer is {view.nbytes} bytes, block_size is {size}")
+            if writable and view.readonly:
+                raise TypeError("get needs a writable buffer (bytearray, mmap, memoryview of one, ...)")
+            if not view.c_contiguous:
+                raise ValueError("buffer must be C-contiguous")
+            views.append(view if view.format == "B" and view.ndim == 1 else view.cast("B"))
+        return views
+
+    def _paths(self, keys: Sequence[object]) -> list[tuple[bytes, bytes, bytes]]:
+        if isinstance(keys, (bytes, str, int)):
+            raise TypeError("keys must be a sequence of keys, not a single key")
+        out = []
+        suffix = self.suffix
+        for key in keys:
+            kb = key_bytes(key)
+            leaf, path = block_relpath(kb, suffix)
+            out.append((kb, leaf.encode(), path.encode()))
+        return out
+
+    def _pair(self, keys: Sequence[object], bufs: Sequence[object]) -> None:
+        if len(keys) != len(bufs):
+            raise ValueError(f"{len(keys)} keys but {len(bufs)} buffers")
+
+    async def _run(self, units: list[_BlockUnit], batch: _Batch) -> None:
+        ring = self._ring_for_call()
+        for unit in units:
+            ring.start(unit)
+        if not units:
+            return
+        try:
+            await batch.fut
+        except asyncio.CancelledError:
+            # Units already in flight finish on their own (their blocks end
+            # up absent or intact); those still queued are dropped.
+            for unit in units:
+                unit.cancelled = True
+            raise
+
+    def _new_batch(self, n: int) -> _Batch:
+        return _Batch(n, asyncio.get_running_loop().create_future())
+
+    # -- the API --------------------------------------------------------------------
+    def _put_units(self, keys: Sequence[object], bufs: Sequence[object]) -> list[_BlockUnit]:
+        self._ring_for_call()
+        self._pair(keys, bufs)
+        paths = self._paths(keys)
+        views = self._views(bufs, writable=False)
+        batch = self._new_batch(len(paths))
+        self._stats["puts"] += len(paths)
+        return [
+            _PutUnit(self, batch, i, kb, path, leaf, view)
+            for i, ((kb, leaf, path), view) in enumerate(zip(paths, views))
+        ]
+
+    def _get_units(self, keys: Sequence[object], bufs: Sequence[object]) -> list[_BlockUnit]:
+        self._ring_for_call()
+        self._pair(keys, bufs)
+        paths = self._paths(keys)
+        views = self._views(bufs, writable=True)
+        batch = self._new_batch(len(paths))
+        self._stats["gets"] += len(paths)
+        return [
+            _GetUnit(self, batch, i, kb, path, view)
+            for i, ((kb, _leaf, path), view) in enumerate(zip(paths, views))
+        ]
+
+    async def put_many(self, keys: Sequence[bytes | int], bufs: Sequence[Buffer]) -> list[Status]:
+        """Store blocks; STORED, EXISTS or FAILED per block, in order.
+
+        Each buffer must hold block_size bytes and must not change until this returns.
+        """
+        return await self._run_many(self._put_units(keys, bufs))
+
+    async def get_many(self, keys: Sequence[bytes | int], bufs: Sequence[Buffer]) -> list[Status]:
+        """Load blocks into ``bufs``; HIT, MISS, CORRUPT or FAILED per block, in order."""
+        return await self._run_many(self._get_units(keys, bufs))
+
+    async def put(self, key: bytes | int, buf: Buffer) -> Status:
+        """Store one block: STORED or EXISTS; raises OSError (with errno and path) on failure."""
+        return await self._run_one(self._put_units([key], [buf]))
+
+    async def get(self, key: bytes | int, buf: Buffer) -> Status:
+        """Load one block: HIT, MISS or CORRUPT; raises OSError (with errno and path) on failure."""
+        return await self._run_one(self._get_units([key], [buf]))
+
+    async def _run_many(self, units: list[_BlockUnit]) -> list[Any]:
+        if not units:
+            return []
+        await self._run(units, units[0].batch)
+        return units[0].batch.results
+
+    async def _run_one(self, units: list[_BlockUnit]) -> Status:
+        batch = units[0].batch
+        await self._run(units, batch)
+        if batch.errors[0] is not None:
+            raise batch.errors[0]
+        status: Status = batch.results[0]
+        return status
+
+    async def get_prefix(self, keys: Sequence[bytes | int], bufs: Sequence[Buffer]) -> int:
+        """Load the longest run of present blocks from the first; return its length.
+
+        All blocks are requested at once (one round trip); buffers past the
+        returned length hold unspecified bytes.
+        """
+        results = await self.get_many(keys, bufs)
+        n = 0
+        for status in results:
+            if status is not Status.HIT:
+                break
+            n += 1
+        return n
+
+    async def contains_many(self, keys: Sequence[bytes | int]) -> list[bool]:
+        """Whether each block is present (a regular file of the right size), in order."""
+        self._ring_for_call()
+        paths = self._paths(keys)
+        batch = self._new_batch(len(paths))
+        units: list[_BlockUnit] = [
+            _StatUnit(self, batch, i, kb, path) for i, (kb, _leaf, path) in enumerate(paths)
+        ]
+        self._stats["contains"] += len(units)
+        return await self._run_many(units)
+
+    async def delete_many(self, keys: Sequence[bytes | int]) -> list[bool]:
+        """Remove blocks; True where a block was removed, in order."""
+        self._ring_for_call()
+        paths = self._paths(keys)
+        batch = self._new_batch(len(paths))
+        units: list[_BlockUnit] = [
+            _DeleteUnit(self, batch, i, kb, path, leaf) for i, (kb, leaf, path) in enumerate(paths)
+        ]
+        self._stats["deletes"] += len(units)
+        return await self._run_many(units)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and configuration: ops, bytes, hits, misses, corrupt, failures, bounced, engine, direct I/O."""
+        out: dict[str, Any] = dict(self._stats)
+        out.update(
+            engine=self._ring.backend if self._ring is not None and not self._ring.closed else None,
+            direct_io=self.direct_io,
+            direct_io_alignment=self.mem_align if self.direct_io else None,
+            verify=self.verify,
+            block_size=self.block_size,
+            namespace=self.namespace,
+            rename_noreplace=self.noreplace,
+        )
+        if self._ring is not None and self._ring._driver is not None:
+            out["ring"] = self._ring.stats()
+        return out
+
+
+class _BytesPath:
+    """A byte-string directory path that joins with ``/`` (for error messages)."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+
+    def __truediv__(self, rel: bytes) -> bytes:
+        return self.raw + b"/" + rel
+
+    def __fspath__(self) -> bytes:
+        return self.raw
