@@ -1,10 +1,10 @@
 """kvuring: an asyncio-native KV-cache block store on io_uring.
 
-    from kvuring import BlockStore, Status, aligned_buffer
+from kvuring import BlockStore, Status, aligned_buffer
 
-    async with BlockStore("/mnt/nvme/kv", block_size=2 << 20) as store:
-        statuses = await store.put_many(keys, bufs)
-        n = await store.get_prefix(keys, bufs)
+async with BlockStore("/mnt/nvme/kv", block_size=2 << 20) as store:
+    statuses = await store.put_many(keys, bufs)
+    n = await store.get_prefix(keys, bufs)
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ __all__ = [
     "aligned_buffer",
     "backend_info",
     "open_engine",
+    "resolve_backend",
 ]
 
 

@@ -104,8 +104,18 @@ class Unit:
         self._flags.append(flags)
         self._rules.append(length if opcode in _RW_OPS else _RULES.get(opcode, _FAILS_IF_NEGATIVE))
         self._words.extend(
-            (opcode, flags, fd & 0xFFFFFFFFFFFFFFFF, addr, length, offset, self._ud | step,
-             arg1, arg2, arg3)
+            (
+                opcode,
+                flags,
+                fd & 0xFFFFFFFFFFFFFFFF,
+                addr,
+                length,
+                offset,
+                self._ud | step,
+                arg1,
+                arg2,
+                arg3,
+            )
         )
 
     def steps(self) -> int:
@@ -293,4 +303,3 @@ class Driver:
             "units_started": self.units_started,
             "stray_cqes": self.stray_cqes,
         }
-

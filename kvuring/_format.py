@@ -68,11 +68,7 @@ def block_relpath(kb: bytes, suffix: str) -> tuple[str, str]:
 def check_namespace(namespace: object) -> str:
     if not isinstance(namespace, str):
         raise TypeError(f"namespace must be str, not {type(namespace).__name__}")
-    if (
-        not _NAMESPACE_RE.fullmatch(namespace)
-        or namespace in (".", "..")
-        or len(namespace) > 200
-    ):
+    if not _NAMESPACE_RE.fullmatch(namespace) or namespace in (".", "..") or len(namespace) > 200:
         raise ValueError(
             f"namespace must match [A-Za-z0-9._-]+ (at most 200 characters) and not be "
             f"'.' or '..'; got {namespace!r}"

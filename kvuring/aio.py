@@ -17,12 +17,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-from kvuring._types import Buffer
 from dataclasses import dataclass
 from typing import Any
 
 from kvuring import _binding as b
 from kvuring._driver import Driver, Unit
+from kvuring._types import Buffer
 from kvuring.engine import Engine, open_engine
 
 RETRY_ERRNOS = frozenset((errno.EAGAIN, errno.EINTR))
@@ -247,7 +247,12 @@ class AsyncRing:
         return await self._run((b.OP_NOP, 0))
 
     async def openat(
-        self, path: PathArg, flags: int = os.O_RDONLY, mode: int = 0o644, *, dir_fd: int | None = None
+        self,
+        path: PathArg,
+        flags: int = os.O_RDONLY,
+        mode: int = 0o644,
+        *,
+        dir_fd: int | None = None,
     ) -> int:
         """Open ``path``; returns a plain file descriptor (close it with :meth:`close`)."""
         cpath = b.c_path(fs_path(path))
@@ -294,7 +299,9 @@ class AsyncRing:
         )  # fmt: skip
         await self._run(fields, (cold, cnew), old, new)
 
-    async def unlinkat(self, path: PathArg, *, rmdir: bool = False, dir_fd: int | None = None) -> None:
+    async def unlinkat(
+        self, path: PathArg, *, rmdir: bool = False, dir_fd: int | None = None
+    ) -> None:
         cpath = b.c_path(fs_path(path))
         dfd = b.AT_FDCWD if dir_fd is None else dir_fd
         fields = (b.OP_UNLINKAT, 0, dfd, b.address_of(cpath), 0, 0, b.AT_REMOVEDIR if rmdir else 0)

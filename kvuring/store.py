@@ -126,7 +126,9 @@ class _Batch:
 class _BlockUnit(Unit):
     __slots__ = ("batch", "index", "kb", "path", "res", "retries", "store")
 
-    def __init__(self, store: BlockStore, batch: _Batch, index: int, kb: bytes, path: bytes) -> None:
+    def __init__(
+        self, store: BlockStore, batch: _Batch, index: int, kb: bytes, path: bytes
+    ) -> None:
         super().__init__()
         self.store = store
         self.batch = batch
@@ -354,7 +356,9 @@ class _GetUnit(_BlockUnit):
         # always freed; the reads' own results say what happened.
         self.op(b.OP_READ, _H | _S | _F, slot, self.read_addr, st.block_size, 0)
         if st.verify:
-            self.op(b.OP_READ, _H | _S | _F, slot, st._trailer_addr(slot), TRAILER_SIZE, st.block_size)
+            self.op(
+                b.OP_READ, _H | _S | _F, slot, st._trailer_addr(slot), TRAILER_SIZE, st.block_size
+            )
         self.op(b.OP_CLOSE, 0, 0, 0, 0, 0, 0, 0, slot + 1)
         self.res = [None] * self.steps()
 
@@ -420,7 +424,9 @@ class _GetUnit(_BlockUnit):
 class _StatUnit(_BlockUnit):
     __slots__ = ("cpath",)
 
-    def __init__(self, store: BlockStore, batch: _Batch, index: int, kb: bytes, path: bytes) -> None:
+    def __init__(
+        self, store: BlockStore, batch: _Batch, index: int, kb: bytes, path: bytes
+    ) -> None:
         super().__init__(store, batch, index, kb, path)
         self.cpath = b.c_path(path)
 
@@ -568,7 +574,9 @@ class BlockStore:
             self._open_tmp_dir()
             self._probe_direct()
             self._setup_memory()
-            self._ring = await AsyncRing(backend=self.backend_requested, queue_depth=self.queue_depth).open()
+            self._ring = await AsyncRing(
+                backend=self.backend_requested, queue_depth=self.queue_depth
+            ).open()
         except BaseException:
             self._close_fds()
             raise
@@ -611,13 +619,16 @@ class BlockStore:
         # The lock is made under a temporary name and renamed once held, so
         # a concurrent cleaner never sees an unheld lock of a live writer.
         staging = os.path.join(tmp_root, f"{token}.locking")
-        self._lock_fd = os.open(staging, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        self._lock_fd = os.open(
+            staging, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+        )
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.rename(staging, os.path.join(tmp_root, f"{token}.lock"))
         os.mkdir(os.path.join(tmp_root, token), 0o700)
         self._tmp_token = token
         self.tmp_fd = os.open(
-            os.path.join(tmp_root, token), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            os.path.join(tmp_root, token),
+            os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
         )
 
     def _remove_dead_writers(self, tmp_root: str) -> None:
@@ -655,7 +666,9 @@ class BlockStore:
         probe = os.path.join(self.root, self.namespace, TMP_DIR, self._tmp_token, "direct-probe")
         page = aligned_buffer(PAGE)
         try:
-            fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC, 0o600)
+            fd = os.open(
+                probe, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC, 0o600
+            )
             try:
                 os.pwrite(fd, page, 0)
                 os.preadv(fd, [page], 0)
@@ -764,7 +777,9 @@ class BlockStore:
             if view.nbytes != size:
                 raise ValueError(f"buffer is {view.nbytes} bytes, block_size is {size}")
             if writable and view.readonly:
-                raise TypeError("get needs a writable buffer (bytearray, mmap, memoryview of one, ...)")
+                raise TypeError(
+                    "get needs a writable buffer (bytearray, mmap, memoryview of one, ...)"
+                )
             if not view.c_contiguous:
                 raise ValueError("buffer must be C-contiguous")
             views.append(view if view.format == "B" and view.ndim == 1 else view.cast("B"))
