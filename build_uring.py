@@ -359,6 +359,32 @@ static int64_t kvu_install(int newfd, uint64_t slot_plus_one, int *files, unsign
     return 0;
 }
 
+/*
+ * A read or write as io_uring does it: the offset of a stream (pipe,
+ * socket, tty) is ignored, and offset -1 means the file position; plain
+ * pread/pwrite would refuse both (ESPIPE, EINVAL).
+ */
+static int64_t kvu_rw(int reading, int fd, const struct iovec *iov, int cnt, uint64_t offset)
+{
+    off_t pos = (off_t)offset;
+    ssize_t r;
+    for (;;) {
+        if (pos == -1)
+            r = reading ? readv(fd, iov, cnt) : writev(fd, iov, cnt);
+        else
+            r = reading ? preadv(fd, iov, cnt, pos) : pwritev(fd, iov, cnt, pos);
+        if (r >= 0)
+            return r;
+        if (errno == EINTR)
+            continue;
+        if (errno == ESPIPE && pos != -1) {
+            pos = -1;
+            continue;
+        }
+        return -errno;
+    }
+}
+
 static int64_t kvu_exec_one(const uint64_t *w, int *files, unsigned nfiles, int64_t *want)
 {
     int64_t fd = kvu_fd(w, files, nfiles);
@@ -400,27 +426,20 @@ static int64_t kvu_exec_one(const uint64_t *w, int *files, unsigned nfiles, int6
         return close((int)fd) < 0 ? -errno : 0;
     case IORING_OP_READ:
     case IORING_OP_READ_FIXED:
-        *want = len;
-        do r = pread((int)fd, addr, len, (off_t)w[5]); while (r < 0 && errno == EINTR);
-        return r < 0 ? -errno : r;
     case IORING_OP_WRITE:
-    case IORING_OP_WRITE_FIXED:
+    case IORING_OP_WRITE_FIXED: {
+        struct iovec one = { addr, len };
         *want = len;
-        do r = pwrite((int)fd, addr, len, (off_t)w[5]); while (r < 0 && errno == EINTR);
-        return r < 0 ? -errno : r;
+        return kvu_rw((int)w[0] == IORING_OP_READ || (int)w[0] == IORING_OP_READ_FIXED,
+                      (int)fd, &one, 1, w[5]);
+    }
     case IORING_OP_READV:
     case IORING_OP_WRITEV: {
         const struct iovec *iov = addr;
         *want = 0;
         for (i = 0; i < len; i++)
             *want += (int64_t)iov[i].iov_len;
-        do {
-            if ((int)w[0] == IORING_OP_READV)
-                r = preadv((int)fd, iov, (int)len, (off_t)w[5]);
-            else
-                r = pwritev((int)fd, iov, (int)len, (off_t)w[5]);
-        } while (r < 0 && errno == EINTR);
-        return r < 0 ? -errno : r;
+        return kvu_rw((int)w[0] == IORING_OP_READV, (int)fd, iov, (int)len, w[5]);
     }
     case IORING_OP_RENAMEAT:
         r = syscall(SYS_renameat2, (int)fd, addr, (int)(int64_t)w[8], (const char *)(uintptr_t)w[9],

@@ -54,7 +54,7 @@ class StatxResult:
 class _Single(Unit):
     """One operation awaited by one future; everything it points at is kept in ``refs``."""
 
-    __slots__ = ("fields", "fut", "path", "path2", "refs", "res", "retries")
+    __slots__ = ("fields", "fut", "path", "path2", "pins", "refs", "res", "retries")
 
     def __init__(
         self,
@@ -63,11 +63,13 @@ class _Single(Unit):
         refs: tuple[object, ...],
         path: object = None,
         path2: object = None,
+        pins: tuple[Any, ...] = (),
     ) -> None:
         super().__init__()
         self.fut = fut
         self.fields = fields
         self.refs = refs
+        self.pins = pins
         self.path = path
         self.path2 = path2
         self.res = 0
@@ -85,7 +87,7 @@ class _Single(Unit):
             self.retries += 1
             self.op(*self.fields)
             return
-        self.refs = ()
+        self._release()
         if self.fut.done():
             return
         if res < 0:
@@ -93,8 +95,20 @@ class _Single(Unit):
         else:
             self.fut.set_result(res)
 
-    def aborted(self, exc: BaseException) -> None:
+    def _release(self) -> None:
+        # The kernel is done with the memory: give the buffer exports back now
+        # instead of when the pins are collected.  A pin of a memoryview that
+        # ends up in a reference cycle (an exception's traceback holds the
+        # frames that hold it) crashes CPython < 3.12.7's GC (gh-77894:
+        # memoryview tp_clear with a live export); a released pin cannot.
+        # It also lets the caller close an mmap right after the await.
+        for pin in self.pins:
+            b.ffi.release(pin)
+        self.pins = ()
         self.refs = ()
+
+    def aborted(self, exc: BaseException) -> None:
+        self._release()
         if not self.fut.done():
             self.fut.set_exception(exc)
 
@@ -126,10 +140,12 @@ class AsyncRing:
 
     # -- life cycle --------------------------------------------------------------
     async def open(self) -> AsyncRing:
-        if self._driver is not None:
-            return self
+        # Checked first: a closed ring still has its driver, and reopening
+        # it must fail rather than hand back a ring that refuses all work.
         if self.closed:
             raise RuntimeError("AsyncRing is closed")
+        if self._driver is not None:
+            return self
         self._loop = asyncio.get_running_loop()
         engine = self._engine or open_engine(self._backend, slots=self._queue_depth)
         self._driver = Driver(engine)
@@ -232,10 +248,11 @@ class AsyncRing:
         refs: tuple[object, ...] = (),
         path: object = None,
         path2: object = None,
+        pins: tuple[Any, ...] = (),
     ) -> int:
         assert self._loop is not None or self._driver is None
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        unit = _Single(fut, fields, refs, path, path2)
+        unit = _Single(fut, fields, refs, path, path2, pins)
         self.start(unit)
         try:
             return await fut
@@ -267,13 +284,13 @@ class AsyncRing:
         """Read into ``buf`` (writable, any buffer) at ``offset``; returns bytes read."""
         pinned = b.pin_buffer(buf, writable=True)
         fields = (b.OP_READ, 0, fd, b.address_of(pinned), len(pinned), offset)
-        return await self._run(fields, (pinned, buf))
+        return await self._run(fields, (pinned, buf), pins=(pinned,))
 
     async def write(self, fd: int, buf: Buffer, offset: int = 0) -> int:
         """Write ``buf`` at ``offset``; returns bytes written."""
         pinned = b.pin_buffer(buf, writable=False)
         fields = (b.OP_WRITE, 0, fd, b.address_of(pinned), len(pinned), offset)
-        return await self._run(fields, (pinned, buf))
+        return await self._run(fields, (pinned, buf), pins=(pinned,))
 
     async def fsync(self, fd: int, *, datasync: bool = False) -> None:
         await self._run((b.OP_FSYNC, 0, fd, 0, 0, 0, b.FSYNC_DATASYNC if datasync else 0))

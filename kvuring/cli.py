@@ -18,7 +18,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
     import kvuring
 
     print(f"kvuring {kvuring.__version__}")
-    print(f"engine: {kvuring.backend_info()}")
+    info = kvuring.backend_info()
+    for key, value in info.items():
+        if isinstance(value, dict):
+            # Feature flags: list what is there, and what is missing.
+            value = ", ".join(f"{k}{'' if v else ' (no)'}" for k, v in value.items())
+        print(f"{key}: {value}")
     return 0
 
 
@@ -40,7 +45,9 @@ def _add_info(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvuring", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="kvuring", description="kvuring: an asyncio-native KV-cache block store on io_uring."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_bench, _add_info):
         add(sub)

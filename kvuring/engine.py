@@ -122,7 +122,12 @@ class Engine:
         select.select([self.fileno()], [], [], timeout)
 
     def drain(self, dispatch: Callable[[Completions], None]) -> None:
-        """Block until every submitted operation has completed, handing completions to dispatch."""
+        """Block until completions arrive and hand them to dispatch.
+
+        Only call it with operations in flight.  ThreadRing returns once every
+        chain has run; Ring returns after any completion, so callers loop
+        until their own count of work in flight reaches zero (Driver.drain).
+        """
         raise NotImplementedError
 
     def close(self) -> None:
@@ -157,8 +162,14 @@ def _clear_eventfd(fd: int) -> None:
 
 # Tried in order until the kernel accepts one; each later set drops what an
 # older kernel rejects with EINVAL.
+#
+# DEFER_TASKRUN is deliberately absent: since about 6.13 one GETEVENTS enter
+# runs at most 20 deferred completions and parks the rest, and the parked
+# ones raise no new eventfd signal, so a loop that waits on the eventfd can
+# stall with work finished in the kernel (seen here with 255 linked chains;
+# also liburing#1474).  COOP_TASKRUN still wakes a thread sleeping in
+# epoll_wait, which then runs the task work and signals the eventfd.
 _SETUP_FLAG_SETS: tuple[tuple[str, ...], ...] = (
-    ("SUBMIT_ALL", "COOP_TASKRUN", "SINGLE_ISSUER", "DEFER_TASKRUN"),
     ("SUBMIT_ALL", "COOP_TASKRUN", "SINGLE_ISSUER"),
     ("SUBMIT_ALL", "COOP_TASKRUN"),
     ("SUBMIT_ALL",),
@@ -313,23 +324,22 @@ class Ring(Engine):
         return bool(b.lib.io_uring_cq_ready(self._ring))
 
     def drain(self, dispatch: Callable[[Completions], None]) -> None:
-        # IOSQE_IO_DRAIN starts the marker only after everything submitted
-        # before it has completed, so its CQE means the ring is empty.
-        self.check_owner()
-        from kvuring._ops import new_words
+        """Block until at least one completion arrives; hand over all that are there.
 
-        words = new_words()
-        words.extend((b.OP_NOP, b.SQE_IO_DRAIN, 0, 0, 0, 0, DRAIN_MARK, 0, 0, 0))
-        self.submit(words)
+        Driver.drain calls this until no unit is in flight.  An IOSQE_IO_DRAIN
+        marker cannot tell when the ring is empty: once a ring has seen one
+        IOSQE_CQE_SKIP_SUCCESS, the kernel fails every IO_DRAIN SQE at once
+        with -EOPNOTSUPP, which made this return immediately and the
+        driver's drain spin on io_uring_enter until the work finished.
+        """
+        self.check_owner()
         while True:
             uds, res = self.reap()
             if uds:
                 dispatch((uds, res))
-                if DRAIN_MARK in uds:
-                    return
-            if not self.pending():
-                b.lib.io_uring_submit_and_wait(self._ring, 1)
-                self._stats.enter_calls += 1
+                return
+            b.lib.io_uring_submit_and_wait(self._ring, 1)
+            self._stats.enter_calls += 1
 
     # -- registered buffers ----------------------------------------------------
     def register_buffers(self, regions: Sequence[Any]) -> None:

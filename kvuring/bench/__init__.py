@@ -25,7 +25,10 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     root = make_root(cfg.parent_dir)
     try:
         runner = Runner(cfg, root)
-        check_space(cfg, root, runner.impls)
+        need = check_space(cfg, root, runner.impls)
+        if cfg.progress:
+            print(f"kvuring bench: up to {need / 1e9:.1f} GB of data in {root}, "
+                  f"{'kept' if cfg.keep else 'deleted'} at the end", file=sys.stderr)
         data = runner.run()
         return build_result(cfg, data, machine_info(root), root, cfg.keep)
     finally:

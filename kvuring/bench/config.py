@@ -46,6 +46,7 @@ class BenchConfig:
     latency_prefix: int
     latency_requests: int
     bg_batch: int
+    step_timeout: float
     keep: bool
     smoke: bool
     progress: bool
@@ -71,6 +72,7 @@ class BenchConfig:
             "latency_prefix": self.latency_prefix,
             "latency_requests": self.latency_requests,
             "bg_batch": self.bg_batch,
+            "step_timeout": self.step_timeout,
             "verify": True,
             "smoke": self.smoke,
         }
@@ -136,7 +138,8 @@ _DEFAULTS: dict[str, tuple[Any, Any]] = {
     "batch": (64, 16),
     "concurrency": (8, 4),
     "latency_block": (2 * MIB, 64 * KIB),
-    "latency_requests": (100, 8),
+    "latency_requests": (50, 8),
+    "step_timeout": (1200.0, 30.0),
 }
 
 
@@ -150,11 +153,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--sizes", type=_size_list, default=None,
         help="comma-separated block sizes (default 64K,256K,2M; smoke: 64K)")
     add("--gib", type=_positive_float, default=None,
-        help="GiB moved per block size, implementation and round (default 1)")
-    add("--rounds", type=_positive_int, default=None, help="interleaved rounds (default 3)")
-    add("--batch", type=_positive_int, default=None, help="blocks per put_many/get_many (64)")
+        help="GiB moved per block size, implementation and round (default 1; smoke: 1/128)")
+    add("--rounds", type=_positive_int, default=None, help="interleaved rounds (default 3; smoke: 1)")
+    add("--batch", type=_positive_int, default=None, help="blocks per put_many/get_many (default 64; smoke: 16)")
     add("--concurrency", type=_positive_int, default=None,
-        help="batches in flight from concurrent coroutines (default 8)")
+        help="batches in flight from concurrent coroutines (default 8; smoke: 4)")
     add("--threads", type=_positive_int, default=16, help="seed thread-pool size (%(default)s)")
     add("--queue-depth", type=_positive_int, default=256,
         help="kvuring BlockStore queue_depth (%(default)s)")
@@ -167,9 +170,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--latency-prefix", type=_positive_int, default=16,
         help="blocks per get_prefix request (%(default)s)")
     add("--latency-requests", type=_positive_int, default=None,
-        help="prefix requests per implementation and round (default 100)")
+        help="prefix requests per implementation and round (default 50; smoke: 8)")
     add("--bg-batch", type=_positive_int, default=16,
         help="blocks per background put_many in the latency test (%(default)s)")
+    add("--step-timeout", type=_positive_float, default=None,
+        help="seconds one kvuring session or fio run may take before it is dropped as hung "
+             "(default 1200; smoke: 30)")
     add("--keep", action="store_true", help="keep the benchmark's data directories")
     add("--no-progress", action="store_true", help="no progress bar")
     add("--smoke", action="store_true",
@@ -203,6 +209,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         latency_prefix=args.latency_prefix,
         latency_requests=_pick(args, "latency_requests"),
         bg_batch=args.bg_batch,
+        step_timeout=_pick(args, "step_timeout"),
         keep=args.keep,
         smoke=args.smoke,
         progress=not args.no_progress,

@@ -54,7 +54,13 @@ def _parse(stdout: str) -> dict[str, Any]:
 
 
 def run_fio(
-    path: str, rw: str, size: int, block_size: int, iodepth: int, startup_cpu: float = 0.0
+    path: str,
+    rw: str,
+    size: int,
+    block_size: int,
+    iodepth: int,
+    startup_cpu: float = 0.0,
+    timeout: float | None = None,
 ) -> Sample:
     """One fio job; CPU is the whole fio process (RUSAGE_CHILDREN), io-wq included.
 
@@ -66,7 +72,7 @@ def run_fio(
         raise FioError("fio is not on PATH")
     cmd = _command(exe, path, rw, size, block_size, iodepth)
     with Stopwatch(resource.RUSAGE_CHILDREN) as sw:
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout)
     if proc.returncode != 0:
         raise FioError(f"fio failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
     job = _parse(proc.stdout)["jobs"][0]
@@ -78,14 +84,22 @@ def run_fio(
     return Sample(seconds, cpu, int(part["io_bytes"]), int(part["total_ios"]), errors)
 
 
-def measure_startup_cpu(path: str, block_size: int, iodepth: int) -> float:
-    """CPU seconds of a fio run that reads one block: fio's fixed cost (median of 3)."""
-    runs = sorted(run_fio(path, "read", block_size, block_size, iodepth).cpu_seconds
+def measure_startup_cpu(path: str, size: int, block_size: int, iodepth: int) -> float:
+    """fio's fixed cost: CPU seconds of a run that reads one queue's worth (median of 3).
+
+    One full queue, so that fio sets up (and faults in) its iodepth buffers
+    as in the real runs; the few blocks it moves make the estimate err in
+    fio's favour, by a little.
+    """
+    probe = min(size, block_size * iodepth)
+    runs = sorted(run_fio(path, "read", probe, block_size, iodepth).cpu_seconds
                   for _ in range(3))
     return runs[1]
 
 
-def prepare_file(path: str, size: int, block_size: int, iodepth: int) -> float:
+def prepare_file(
+    path: str, size: int, block_size: int, iodepth: int, timeout: float | None = None
+) -> float:
     """Preallocate, then write the file once untimed.
 
     Reads of never-written (unwritten-extent) blocks return zeros without
@@ -97,5 +111,5 @@ def prepare_file(path: str, size: int, block_size: int, iodepth: int) -> float:
         os.posix_fallocate(fd, 0, size)
     finally:
         os.close(fd)
-    run_fio(path, "write", size, block_size, iodepth)
-    return measure_startup_cpu(path, block_size, iodepth)
+    run_fio(path, "write", size, block_size, iodepth, timeout=timeout)
+    return measure_startup_cpu(path, size, block_size, iodepth)

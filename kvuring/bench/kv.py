@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from kvuring import BlockStore, Status
-from kvuring.bench.config import KV_THREADS, KV_UVLOOP
+from kvuring.bench.config import KV_THREADS, KV_UVLOOP, BenchConfig
 from kvuring.bench.measure import Sample, Stopwatch
-from kvuring.bench.workload import Region
+from kvuring.bench.workload import Region, warmup_keys
 
 T = TypeVar("T")
 _BatchOp = Callable[[Sequence[bytes], Sequence[memoryview]], Awaitable[list[Status]]]
@@ -40,18 +40,57 @@ def backend_of(impl: str) -> str:
     return "threads" if impl == KV_THREADS else "uring"
 
 
-def run_on_loop(impl: str, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine on a new event loop of the kind ``impl`` names, then close it."""
+class StepTimeout(TimeoutError):
+    """A kvuring session did not finish in time (a hang, most likely)."""
+
+
+# Loops whose work hung and could not be cancelled.  Held so that garbage
+# collection does not destroy their pending tasks mid-run (noisy, and the
+# kernel may still own their buffers); the process exits with them.
+_abandoned: list[tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]]] = []
+
+
+def _new_loop(impl: str) -> asyncio.AbstractEventLoop:
     if impl == KV_UVLOOP:
         import uvloop
 
         loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    else:
-        loop = asyncio.new_event_loop()
+        return loop
+    return asyncio.new_event_loop()
+
+
+def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
+    # As asyncio.run does: tasks a session left behind end before the loop does.
+    leftovers = asyncio.all_tasks(loop)
+    for task in leftovers:
+        task.cancel()
+    if leftovers:
+        loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+
+
+def run_on_loop(impl: str, make: Callable[[], Coroutine[Any, Any, T]], timeout: float) -> T:
+    """Run a coroutine on a new event loop of the kind ``impl`` names, then close it.
+
+    After ``timeout`` seconds the coroutine is cancelled; if it does not end
+    even then, its loop is abandoned so the benchmark can go on without it.
+    """
+    loop = _new_loop(impl)
+    task = loop.create_task(make())
+    for grace in (timeout, 5.0):
+        loop.run_until_complete(asyncio.wait({task}, timeout=grace))
+        if task.done():
+            break
+        task.cancel()
+    if not task.done():
+        _abandoned.append((loop, task))
+        raise StepTimeout(f"{impl} did not finish within {timeout:.0f} s and ignored cancel")
     try:
-        return loop.run_until_complete(make())
+        if task.cancelled():
+            raise StepTimeout(f"{impl} did not finish within {timeout:.0f} s")
+        return task.result()
     finally:
         try:
+            _cancel_leftovers(loop)
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())
         finally:
@@ -106,6 +145,11 @@ async def _session(
         root, region.block_size, backend=backend_of(impl), verify=True, queue_depth=queue_depth
     )
     async with store:
+        # Untimed: whatever the store sets up on first use (directories,
+        # buffer registration) belongs to a long-lived store, not to this pass.
+        warm = warmup_keys(keys, min(batch, 8))
+        await store.put_many(warm, region.views[: len(warm)])
+        await store.get_many(warm, region.views[: len(warm)])
         shape = (keys, region, batch, concurrency)
         stored, put_s = await _timed(store.put_many, Status.STORED, *shape)
         loaded, get_s = await _timed(store.get_many, Status.HIT, *shape)
@@ -114,14 +158,16 @@ async def _session(
 
 
 def kv_session(
-    impl: str, root: str, keys: Sequence[bytes], region: Region, batch: int,
-    concurrency: int, queue_depth: int,
+    impl: str, root: str, keys: Sequence[bytes], region: Region, cfg: BenchConfig
 ) -> KvSession:
     """Store ``keys`` into a fresh store at ``root``, then load them back; both timed."""
+    batch = cfg.batch
     # More coroutines than the region has batches of slots would share buffers.
-    concurrency = max(1, min(concurrency, len(region.views) // batch))
+    concurrency = max(1, min(cfg.concurrency, len(region.views) // batch))
     return run_on_loop(
-        impl, lambda: _session(impl, root, keys, region, batch, concurrency, queue_depth)
+        impl,
+        lambda: _session(impl, root, keys, region, batch, concurrency, cfg.queue_depth),
+        cfg.step_timeout,
     )
 
 
@@ -164,10 +210,12 @@ async def _latency(
 
 def kv_latency(
     impl: str, root: str, prefix: Sequence[bytes], region: Region, bg_keys: Iterator[list[bytes]],
-    bg_batch: int, requests: int, queue_depth: int,
+    cfg: BenchConfig,
 ) -> KvLatency:
     """p50/p99 material: per-request get_prefix time while put_many streams in the background."""
     return run_on_loop(
         impl,
-        lambda: _latency(impl, root, prefix, region, bg_keys, bg_batch, requests, queue_depth),
+        lambda: _latency(impl, root, prefix, region, bg_keys, cfg.bg_batch,
+                         cfg.latency_requests, cfg.queue_depth),
+        cfg.step_timeout,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import traceback
@@ -18,10 +19,10 @@ from typing import Any
 
 from kvuring.bench import fio as fio_mod
 from kvuring.bench.config import FIO, KV_UVLOOP, LATENCY_IMPLS, SEED, BenchConfig, format_size
-from kvuring.bench.kv import kv_latency, kv_session
+from kvuring.bench.kv import StepTimeout, kv_latency, kv_session
 from kvuring.bench.measure import Sample
 from kvuring.bench.seed import SeedPool
-from kvuring.bench.workload import Region, key_batches, make_keys
+from kvuring.bench.workload import Region, key_batches, make_keys, warmup_keys
 
 Key = tuple[str, int, str]  # (implementation, block size, op)
 
@@ -131,7 +132,8 @@ class Runner:
             # One broken implementation should not cost the others' figures.
             self.data.unavailable[step.impl] = f"{type(exc).__name__}: {exc}"
             progress.write(f"{step.impl} dropped at '{step.label}': {exc!r}", file=sys.stderr)
-            traceback.print_exc(file=sys.stderr)
+            if not isinstance(exc, (StepTimeout, subprocess.TimeoutExpired)):
+                traceback.print_exc(file=sys.stderr)
 
     # --- shared setup -----------------------------------------------------
 
@@ -168,7 +170,7 @@ class Runner:
             path = os.path.join(self.root, f"fio-{_label(bs)}.dat")
             size = self.cfg.blocks_for(bs) * bs
             self.data.fio_startup_cpu[bs] = fio_mod.prepare_file(
-                path, size, bs, self.cfg.fio_iodepth
+                path, size, bs, self.cfg.fio_iodepth, self.cfg.step_timeout
             )
             self._fio_files[bs] = path
 
@@ -190,7 +192,8 @@ class Runner:
         path = self._fio_files[bs]
         startup = self.data.fio_startup_cpu.get(bs, 0.0)
         for op, rw in (("store", "write"), ("load", "read")):
-            sample = fio_mod.run_fio(path, rw, size, bs, self.cfg.fio_iodepth, startup)
+            sample = fio_mod.run_fio(path, rw, size, bs, self.cfg.fio_iodepth, startup,
+                                     timeout=self.cfg.step_timeout)
             self.data.add(FIO, bs, op, sample)
 
     def _run_seed(self, rnd: int, bs: int) -> None:
@@ -198,16 +201,17 @@ class Runner:
         keys = make_keys(f"{rnd}/{SEED}/{bs}", self.cfg.blocks_for(bs))
         bufs = [region.slot(i) for i in range(len(keys))]
         with SeedPool(self._dir(rnd, f"{SEED}-{_label(bs)}"), self.cfg.pool_threads) as pool:
+            warm = warmup_keys(keys, min(self.cfg.batch, 8))
+            pool.store_all(warm, bufs[: len(warm)])
+            pool.load_all(warm, bufs[: len(warm)])
             for op in ("store", "load"):
                 self.data.add(SEED, bs, op, pool.timed_phase(op, keys, bufs, bs))
 
     def _run_kv(self, rnd: int, bs: int, impl: str) -> None:
         cfg = self.cfg
         keys = make_keys(f"{rnd}/{impl}/{bs}", cfg.blocks_for(bs))
-        session = kv_session(
-            impl, self._dir(rnd, f"{impl}-{_label(bs)}"), keys, self.region(bs),
-            cfg.batch, cfg.concurrency, cfg.queue_depth,
-        )
+        session = kv_session(impl, self._dir(rnd, f"{impl}-{_label(bs)}"), keys,
+                             self.region(bs), cfg)
         self.data.add(impl, bs, "store", session.store)
         self.data.add(impl, bs, "load", session.load)
         for op, seconds in session.batch_seconds.items():
@@ -224,8 +228,7 @@ class Runner:
             if impl == SEED:
                 seconds, errors, bg_blocks = self._seed_latency(root, prefix, region, bg_keys)
             else:
-                result = kv_latency(impl, root, prefix, region, bg_keys, cfg.bg_batch,
-                                    cfg.latency_requests, cfg.queue_depth)
+                result = kv_latency(impl, root, prefix, region, bg_keys, cfg)
                 seconds, errors, bg_blocks = result.seconds, result.errors, result.bg_blocks
                 self.data.store_stats[f"{impl}/latency"] = result.stats
             self.data.latency.setdefault(impl, []).extend(seconds)
@@ -291,7 +294,8 @@ def make_root(parent: str) -> str:
     return tempfile.mkdtemp(prefix="kvuring-bench-", dir=parent)
 
 
-def check_space(cfg: BenchConfig, root: str, impls: tuple[str, ...]) -> None:
+def check_space(cfg: BenchConfig, root: str, impls: tuple[str, ...]) -> int:
+    """Refuse to start a run that would fill the filesystem; returns the bytes it needs."""
     need = estimated_bytes(cfg, impls)
     free = shutil.disk_usage(root).free
     if need > free:
@@ -300,4 +304,5 @@ def check_space(cfg: BenchConfig, root: str, impls: tuple[str, ...]) -> None:
             f"free (nothing is deleted until the end); lower --gib, --rounds or "
             f"--latency-requests"
         )
+    return need
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import kvuring
 
@@ -17,6 +17,11 @@ def make_key(tag: str, index: int) -> bytes:
 
 def make_keys(tag: str, count: int) -> list[bytes]:
     return [make_key(tag, i) for i in range(count)]
+
+
+def warmup_keys(keys: Sequence[bytes], count: int) -> list[bytes]:
+    """Keys unlike ``keys`` (derived from the first), for an untimed first pass."""
+    return make_keys(f"warmup/{keys[0].hex()}", count) if keys else []
 
 
 def key_batches(tag: str, size: int) -> Iterator[list[bytes]]:
