@@ -58,6 +58,7 @@ int io_uring_register_eventfd(struct io_uring *ring, int fd);
 int io_uring_unregister_eventfd(struct io_uring *ring);
 int io_uring_register_files_sparse(struct io_uring *ring, unsigned nr);
 int io_uring_unregister_files(struct io_uring *ring);
+int io_uring_register_iowq_max_workers(struct io_uring *ring, unsigned int *values);
 int io_uring_register_buffers(struct io_uring *ring, const struct iovec *iovecs, unsigned nr_iovecs);
 int io_uring_unregister_buffers(struct io_uring *ring);
 

@@ -187,7 +187,9 @@ class Ring(Engine):
 
     name = "uring"
 
-    def __init__(self, slots: int = 256, *, entries: int | None = None) -> None:
+    def __init__(
+        self, slots: int = 256, *, entries: int | None = None, max_workers: int | None = None
+    ) -> None:
         super().__init__()
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
@@ -204,6 +206,7 @@ class Ring(Engine):
             self._efd = _eventfd()
             _check(b.lib.io_uring_register_eventfd(self._ring, self._efd), "register_eventfd")
             _check(b.lib.io_uring_register_files_sparse(self._ring, slots), "register_files_sparse")
+            self.max_workers = self._limit_workers(max_workers)
         except BaseException:
             b.lib.io_uring_queue_exit(self._ring)
             self._open = False
@@ -231,6 +234,20 @@ class Ring(Engine):
             if res != -errno.EINVAL:
                 break
         raise EngineUnavailable(-last, f"io_uring_setup failed: {os.strerror(-last)}")
+
+    def _limit_workers(self, wanted: int | None) -> int:
+        """Cap io-wq's unbounded workers (creates, renames, unlinks).
+
+        Left alone, io-wq starts a worker per blocked request: hundreds of
+        threads then spin on the same directory locks and burn the CPU that
+        kvuring exists to give back.  A few per core keep the disk busy.
+        """
+        env = os.environ.get("KVURING_IOWQ_WORKERS")
+        limit = wanted or (int(env) if env else 4 * (os.cpu_count() or 1))
+        values = b.ffi.new("unsigned int[2]", [0, limit])
+        if b.lib.io_uring_register_iowq_max_workers(self._ring, values) < 0:
+            return 0  # an old kernel: unlimited, as before
+        return limit
 
     def _probe(self) -> dict[str, bool]:
         feats = {

@@ -27,12 +27,9 @@ import asyncio
 import contextlib
 import enum
 import errno
-import fcntl
 import logging
 import mmap
 import os
-import secrets
-import shutil
 import stat
 from collections.abc import Sequence
 from typing import Any
@@ -51,6 +48,7 @@ from kvuring._format import (
     pack_trailer,
 )
 from kvuring._types import Buffer
+from kvuring._writers import WriterRegistration, remove_dead_writers, tmp_suffix
 from kvuring.aio import AsyncRing
 from kvuring.engine import resolve_backend
 
@@ -60,7 +58,6 @@ PAGE = mmap.PAGESIZE
 MAX_BLOCK_SIZE = 1 << 30
 MAX_RETRIES = 8
 RETRY_ERRNOS = frozenset((errno.EAGAIN, errno.EINTR))
-TMP_DIR = ".tmp"
 
 _S = b.SQE_CQE_SKIP_SUCCESS
 _L = b.SQE_IO_LINK
@@ -92,23 +89,31 @@ def aligned_buffer(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, nbytes)
 
 
-def _leaf_bytes(leaf: str) -> tuple[bytes, bytes]:
-    return leaf[:3].encode(), leaf.encode()
-
-
 # ----------------------------------------------------------------------------
 # one batch: results in order, one future for all
 # ----------------------------------------------------------------------------
 
 
 class _Batch:
-    __slots__ = ("errors", "fut", "pending", "results")
+    __slots__ = ("errors", "fut", "pending", "results", "strings")
 
     def __init__(self, n: int, fut: asyncio.Future[None]) -> None:
         self.results: list[Any] = [None] * n
         self.errors: list[OSError | None] = [None] * n
         self.pending = n
         self.fut = fut
+        self.strings: Any = None
+
+    def c_strings(self, items: list[bytes]) -> list[int]:
+        """NUL-terminated copies of ``items`` in one allocation the batch keeps; their addresses."""
+        blob = b"\0".join(items) + b"\0"
+        self.strings = b.c_path(blob)  # one copy, freed with the batch
+        base = b.address_of(self.strings)
+        addrs = []
+        for item in items:
+            addrs.append(base)
+            base += len(item) + 1
+        return addrs
 
     def done(self, index: int, result: Any, error: OSError | None = None) -> None:
         self.results[index] = result
@@ -167,8 +172,8 @@ def _short(res: int | None, want: int) -> bool:
 
 class _PutUnit(_BlockUnit):
     __slots__ = (
-        "bounce", "cpath", "ctmp", "dir_paths", "error", "exists", "leaf", "n_dir",
-        "payload_addr", "pinned", "psum", "retry_after_cleanup", "stage", "view",
+        "bounce", "dir_paths", "error", "exists", "leaf", "made_dirs", "path_addr",
+        "payload_addr", "pinned", "psum", "retry_after_cleanup", "stage", "tmp_addr", "view",
     )  # fmt: skip
 
     def __init__(
@@ -179,10 +184,14 @@ class _PutUnit(_BlockUnit):
         kb: bytes,
         path: bytes,
         leaf: bytes,
+        path_addr: int,
+        tmp_addr: int,
         view: memoryview,
     ) -> None:
         super().__init__(store, batch, index, kb, path)
         self.leaf = leaf
+        self.path_addr = path_addr
+        self.tmp_addr = tmp_addr
         self.view: memoryview | None = view
         self.pinned: Any = b.pin_buffer(view, writable=False)
         self.payload_addr = b.address_of(self.pinned)
@@ -192,49 +201,69 @@ class _PutUnit(_BlockUnit):
             self.bounce[:] = view
             self.payload_addr = store._bounce_addr(self.bounce)
         self.psum = checksum(view) if store.verify else 0
-        self.cpath = b.c_path(path)
-        self.ctmp: Any = None
         self.dir_paths: tuple[Any, ...] = ()
-        self.n_dir = 0
+        self.made_dirs = False
         self.stage = "store"
         self.error: OSError | None = None
         self.exists = False
         self.retry_after_cleanup = False
 
     def begin(self, slot: int) -> None:
+        # The hot path: the whole chain in one extend.  The temp file sits
+        # beside its final name: a rename within one directory skips the
+        # filesystem-wide lock that cross-directory renames take.  openat2
+        # refuses symlinks anywhere on the path.
         st = self.store
         self.stage = "store"
-        self.ctmp = b.c_path(st._next_tmp_name(slot))
+        ud = self._ud
+        bs = st.block_size
         ns = st.ns_fd
-        self.n_dir = 0
-        if self.leaf not in st._dirs_ready:
-            # First use of this leaf directory by this process: make both
-            # levels (EEXIST is fine: hard links run on), then check the
-            # result is a real directory beneath the namespace, no symlinks.
-            self.dir_paths = (b.c_path(self.leaf[:3]), b.c_path(self.leaf))
-            c1, c2 = (b.address_of(c) for c in self.dir_paths)
-            self.op(b.OP_MKDIRAT, _H | _S, ns, c1, 0, 0, 0, 0o755)
-            self.op(b.OP_MKDIRAT, _H | _S, ns, c2, 0, 0, 0, 0o755)
-            self.op(b.OP_OPENAT2, _L | _S, ns, c2, 0, 0, 0, st._how_dir_addr, slot + 1)
-            self.n_dir = 3
-        self.op(b.OP_OPENAT, _L | _S, st.tmp_fd, b.address_of(self.ctmp), 0, 0,
-                st._put_flags, 0o644, slot + 1)  # fmt: skip
-        self.op(b.OP_WRITE, _L | _S | _F, slot, self.payload_addr, st.block_size, 0)
+        tmp = self.tmp_addr
+        rename_flags = b.RENAME_NOREPLACE if st.noreplace else 0
         if st.verify:
-            pack_trailer(st._trailer(slot), self.kb, st.block_size, self.psum)
-            self.op(b.OP_WRITE, _L | _S | _F, slot, st._trailer_addr(slot), TRAILER_SIZE,
-                    st.block_size)  # fmt: skip
-        self.op(b.OP_CLOSE, _L | _S, 0, 0, 0, 0, 0, 0, slot + 1)
-        self._rename()
+            pack_trailer(st._trailer(slot), self.kb, bs, self.psum)
+            self._flags = [_L | _S, _L | _S | _F, _L | _S | _F, _L | _S, 0]
+            self._words.extend((
+                b.OP_OPENAT2, _L | _S, ns, tmp, 0, 0, ud, 0, st._how_create_addr, slot + 1,
+                b.OP_WRITE, _L | _S | _F, slot, self.payload_addr, bs, 0, ud | 1, 0, 0, 0,
+                b.OP_WRITE, _L | _S | _F, slot, st._trailer_addr(slot), TRAILER_SIZE, bs, ud | 2, 0, 0, 0,
+                b.OP_CLOSE, _L | _S, 0, 0, 0, 0, ud | 3, 0, 0, slot + 1,
+                b.OP_RENAMEAT, 0, ns, tmp, 0, 0, ud | 4, rename_flags, ns, self.path_addr,
+            ))  # fmt: skip
+            self.res = [None, None, None, None, None]
+        else:
+            self._flags = [_L | _S, _L | _S | _F, _L | _S, 0]
+            self._words.extend((
+                b.OP_OPENAT2, _L | _S, ns, tmp, 0, 0, ud, 0, st._how_create_addr, slot + 1,
+                b.OP_WRITE, _L | _S | _F, slot, self.payload_addr, bs, 0, ud | 1, 0, 0, 0,
+                b.OP_CLOSE, _L | _S, 0, 0, 0, 0, ud | 2, 0, 0, slot + 1,
+                b.OP_RENAMEAT, 0, ns, tmp, 0, 0, ud | 3, rename_flags, ns, self.path_addr,
+            ))  # fmt: skip
+            self.res = [None, None, None, None]
+
+    def _make_dirs(self, slot: int) -> None:
+        # First block in this leaf directory: make both levels (EEXIST is
+        # fine: hard links run on), checking the upper one is a real
+        # directory before making anything inside it.
+        st = self.store
+        self.stage = "mkdir"
+        self.made_dirs = True
+        self.dir_paths = (b.c_path(self.leaf[:3]), b.c_path(self.leaf))
+        c1, c2 = (b.address_of(c) for c in self.dir_paths)
+        self.op(b.OP_MKDIRAT, _H | _S, st.ns_fd, c1, 0, 0, 0, 0o755)
+        self.op(b.OP_OPENAT2, _L | _S, st.ns_fd, c1, 0, 0, 0, st._how_dir_addr, slot + 1)
+        self.op(b.OP_MKDIRAT, 0, st.ns_fd, c2, 0, 0, 0, 0o755)
+        self.res = [None] * self.steps()
 
     def _rename(self) -> None:
         st = self.store
-        self.op(b.OP_RENAMEAT, 0, st.tmp_fd, b.address_of(self.ctmp), 0, 0,
-                b.RENAME_NOREPLACE if st.noreplace else 0, st.ns_fd, b.address_of(self.cpath))  # fmt: skip
+        self.op(b.OP_RENAMEAT, 0, st.ns_fd, self.tmp_addr, 0, 0,
+                b.RENAME_NOREPLACE if st.noreplace else 0, st.ns_fd, self.path_addr)  # fmt: skip
         self.res = [None] * self.steps()
 
     def end_chain(self, slot: int) -> None:
-        if self.stage == "cleanup":
+        stage = self.stage
+        if stage == "cleanup":
             if self.retry_after_cleanup:
                 self.retry_after_cleanup = False
                 self.begin(slot)
@@ -243,31 +272,32 @@ class _PutUnit(_BlockUnit):
             else:
                 self._finish(Status.FAILED, self.error)
             return
-        if self.stage == "rename":
+        if stage == "rename":
             self._after_rename(self.res[0])
+            return
+        if stage == "mkdir":
+            check, leaf = self.res[1], self.res[2]
+            if check is not None and check < 0:
+                self._finish(Status.FAILED, self.fail(check, self.leaf[:3]))
+            elif leaf is not None and leaf < 0 and leaf != -errno.EEXIST:
+                self._finish(Status.FAILED, self.fail(leaf, self.leaf))
+            else:
+                self.begin(slot)
             return
         st = self.store
         res = self.res
-        n = self.n_dir
-        if n:
-            if res[2] is not None and res[2] < 0:
-                # The directory could not be made, or is not a plain directory
-                # beneath the namespace (a symlink): never write through it.
-                mk = res[1]
-                why = mk if mk is not None and mk < 0 and mk != -errno.EEXIST else res[2]
-                self._finish(Status.FAILED, self.fail(why, self.leaf))
-                return
-            st._dirs_ready.add(self.leaf)
-        open_res = res[n]
+        open_res = res[0]
         if open_res is not None and open_res < 0:
-            if self.retry(open_res):
+            if open_res == -errno.ENOENT and not self.made_dirs:
+                self._make_dirs(slot)
+            elif self.retry(open_res):
                 self.begin(slot)
             else:
                 self._finish(Status.FAILED, self.fail(open_res))
             return
-        writes = [(res[n + 1], st.block_size)]
+        writes = [(res[1], st.block_size)]
         if st.verify:
-            writes.append((res[n + 2], TRAILER_SIZE))
+            writes.append((res[2], TRAILER_SIZE))
         close_res = res[-2]
         for wres, want in writes:
             if wres is not None and wres < 0:
@@ -314,7 +344,7 @@ class _PutUnit(_BlockUnit):
         self.retry_after_cleanup = retry
         if close:
             self.op(b.OP_CLOSE, _H | _S, 0, 0, 0, 0, 0, 0, slot + 1)
-        self.op(b.OP_UNLINKAT, 0, self.store.tmp_fd, b.address_of(self.ctmp), 0, 0, 0)
+        self.op(b.OP_UNLINKAT, 0, self.store.ns_fd, self.tmp_addr, 0, 0, 0)
         self.res = [None] * self.steps()
 
     def _finish(self, status: Status, err: OSError | None = None) -> None:
@@ -332,12 +362,20 @@ class _PutUnit(_BlockUnit):
 
 
 class _GetUnit(_BlockUnit):
-    __slots__ = ("bounce", "cpath", "pinned", "read_addr", "stage", "view")
+    __slots__ = ("bounce", "path_addr", "pinned", "read_addr", "stage", "view")
 
     def __init__(
-        self, store: BlockStore, batch: _Batch, index: int, kb: bytes, path: bytes, view: memoryview
+        self,
+        store: BlockStore,
+        batch: _Batch,
+        index: int,
+        kb: bytes,
+        path: bytes,
+        path_addr: int,
+        view: memoryview,
     ) -> None:
         super().__init__(store, batch, index, kb, path)
+        self.path_addr = path_addr
         self.view: memoryview | None = view
         self.pinned: Any = b.pin_buffer(view, writable=True)
         self.read_addr = b.address_of(self.pinned)
@@ -345,22 +383,32 @@ class _GetUnit(_BlockUnit):
         if store.direct_io and self.read_addr % store.mem_align:
             self.bounce = store._bounce_get()
             self.read_addr = store._bounce_addr(self.bounce)
-        self.cpath = b.c_path(path)
         self.stage = "load"
 
     def begin(self, slot: int) -> None:
+        # The hot path: the whole chain in one extend.  Hard links after the
+        # open: the close runs whatever the reads did, so the slot is always
+        # freed; the reads' own results say what happened.
         st = self.store
-        self.op(b.OP_OPENAT2, _L | _S, st.ns_fd, b.address_of(self.cpath), 0, 0, 0,
-                st._how_read_addr, slot + 1)  # fmt: skip
-        # Hard links: the close runs whatever the reads did, so the slot is
-        # always freed; the reads' own results say what happened.
-        self.op(b.OP_READ, _H | _S | _F, slot, self.read_addr, st.block_size, 0)
+        ud = self._ud
+        bs = st.block_size
         if st.verify:
-            self.op(
-                b.OP_READ, _H | _S | _F, slot, st._trailer_addr(slot), TRAILER_SIZE, st.block_size
-            )
-        self.op(b.OP_CLOSE, 0, 0, 0, 0, 0, 0, 0, slot + 1)
-        self.res = [None] * self.steps()
+            self._flags = [_L | _S, _H | _S | _F, _H | _S | _F, 0]
+            self._words.extend((
+                b.OP_OPENAT2, _L | _S, st.ns_fd, self.path_addr, 0, 0, ud, 0, st._how_read_addr, slot + 1,
+                b.OP_READ, _H | _S | _F, slot, self.read_addr, bs, 0, ud | 1, 0, 0, 0,
+                b.OP_READ, _H | _S | _F, slot, st._trailer_addr(slot), TRAILER_SIZE, bs, ud | 2, 0, 0, 0,
+                b.OP_CLOSE, 0, 0, 0, 0, 0, ud | 3, 0, 0, slot + 1,
+            ))  # fmt: skip
+            self.res = [None, None, None, None]
+        else:
+            self._flags = [_L | _S, _H | _S | _F, 0]
+            self._words.extend((
+                b.OP_OPENAT2, _L | _S, st.ns_fd, self.path_addr, 0, 0, ud, 0, st._how_read_addr, slot + 1,
+                b.OP_READ, _H | _S | _F, slot, self.read_addr, bs, 0, ud | 1, 0, 0, 0,
+                b.OP_CLOSE, 0, 0, 0, 0, 0, ud | 2, 0, 0, slot + 1,
+            ))  # fmt: skip
+            self.res = [None, None, None]
 
     def end_chain(self, slot: int) -> None:
         if self.stage == "unlink":
@@ -404,7 +452,7 @@ class _GetUnit(_BlockUnit):
                     os.fsdecode(st.ns_path / self.path), why)  # fmt: skip
         st._stats["corrupt"] += 1
         self.stage = "unlink"
-        self.op(b.OP_UNLINKAT, 0, st.ns_fd, b.address_of(self.cpath), 0, 0, 0)
+        self.op(b.OP_UNLINKAT, 0, st.ns_fd, self.path_addr, 0, 0, 0)
         self.res = [None]
 
     def _finish(self, status: Status, err: OSError | None = None) -> None:
@@ -538,20 +586,17 @@ class BlockStore:
         self.offset_align = 1
         self.noreplace = True
         self.ns_fd = -1
-        self.tmp_fd = -1
+        self._writer: WriterRegistration | None = None
+        self._tmp_marker = b""
         self._ring: AsyncRing | None = None
-        self._lock_fd = -1
-        self._owner_pid = os.getpid()
-        self._tmp_token = ""
         self._tmp_seq = 0
-        self._dirs_ready: set[bytes] = set()
         self._bounce_pool: list[mmap.mmap] = []
         self._bounce_logged = False
         self._failure_logged: set[int] = set()
         self._stats: dict[str, int] = dict.fromkeys(
             ("puts", "gets", "contains", "deletes", "stored", "exists", "hits", "misses",
              "corrupt", "failures", "deleted", "bytes_written", "bytes_read", "bounced",
-             "stale_temp_dirs_removed"),
+             "dead_writers_cleaned"),
             0,
         )  # fmt: skip
         self.closed = False
@@ -571,7 +616,9 @@ class BlockStore:
         # write somewhere else.
         self.ns_fd = os.open(ns, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            self._open_tmp_dir()
+            self._stats["dead_writers_cleaned"] += remove_dead_writers(ns)
+            self._writer = WriterRegistration(ns)
+            self._tmp_marker = tmp_suffix(self._writer.token) + b"%d.tmp"
             self._probe_direct()
             self._setup_memory()
             self._ring = await AsyncRing(
@@ -598,64 +645,12 @@ class BlockStore:
         self._close_fds()
 
     def _close_fds(self) -> None:
-        if self.tmp_fd >= 0 and self._tmp_token and os.getpid() == self._owner_pid:
-            tmp_root = os.path.join(self.root, self.namespace, TMP_DIR)
-            shutil.rmtree(os.path.join(tmp_root, self._tmp_token), ignore_errors=True)
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(tmp_root, self._tmp_token + ".lock"))
-        for name in ("tmp_fd", "ns_fd", "_lock_fd"):
-            fd = getattr(self, name)
-            if fd >= 0:
-                os.close(fd)
-                setattr(self, name, -1)
-
-    def _open_tmp_dir(self) -> None:
-        tmp_root = os.path.join(self.root, self.namespace, TMP_DIR)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(tmp_root, 0o700)
-        self._owner_pid = os.getpid()
-        self._remove_dead_writers(tmp_root)
-        token = f"{os.getpid()}-{secrets.token_hex(6)}"
-        # The lock is made under a temporary name and renamed once held, so
-        # a concurrent cleaner never sees an unheld lock of a live writer.
-        staging = os.path.join(tmp_root, f"{token}.locking")
-        self._lock_fd = os.open(
-            staging, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
-        )
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.rename(staging, os.path.join(tmp_root, f"{token}.lock"))
-        os.mkdir(os.path.join(tmp_root, token), 0o700)
-        self._tmp_token = token
-        self.tmp_fd = os.open(
-            os.path.join(tmp_root, token),
-            os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-        )
-
-    def _remove_dead_writers(self, tmp_root: str) -> None:
-        for entry in os.scandir(tmp_root):
-            if not entry.name.endswith(".lock"):
-                continue
-            token = entry.name[: -len(".lock")]
-            try:
-                fd = os.open(entry.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)  # a live writer holds it
-                continue
-            try:
-                shutil.rmtree(os.path.join(tmp_root, token), ignore_errors=True)
-                os.unlink(entry.path)
-                self._stats["stale_temp_dirs_removed"] += 1
-                log.info("kvuring: removed temp files of dead writer %s", token)
-            finally:
-                os.close(fd)
-        # Temp dirs whose lock is gone (the writer died between the two unlinks).
-        for entry in os.scandir(tmp_root):
-            if entry.is_dir(follow_symlinks=False) and not os.path.exists(entry.path + ".lock"):
-                shutil.rmtree(entry.path, ignore_errors=True)
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self.ns_fd >= 0:
+            os.close(self.ns_fd)
+            self.ns_fd = -1
 
     def _probe_direct(self) -> None:
         if self.direct_requested is False:
@@ -663,7 +658,8 @@ class BlockStore:
         why = ""
         st = os.statvfs(os.path.join(self.root, self.namespace))
         align = max(512, min(PAGE, st.f_bsize or PAGE))
-        probe = os.path.join(self.root, self.namespace, TMP_DIR, self._tmp_token, "direct-probe")
+        assert self._writer is not None
+        probe = os.path.join(self._writer.dir, f"{self._writer.token}.probe")
         page = aligned_buffer(PAGE)
         try:
             fd = os.open(
@@ -697,7 +693,7 @@ class BlockStore:
         )
         self._statx = b.ffi.new("struct statx[]", slots)
         self._statx_base = b.address_of(self._statx)
-        how = b.ffi.new("struct open_how[2]")
+        how = b.ffi.new("struct open_how[3]")
         resolve = b.RESOLVE_BENEATH | b.RESOLVE_NO_SYMLINKS | b.RESOLVE_NO_MAGICLINKS
         # No O_CLOEXEC on direct-descriptor opens: the kernel rejects it (EINVAL)
         # since a direct descriptor is never in the fd table to begin with.
@@ -705,12 +701,14 @@ class BlockStore:
         how[0].resolve = resolve
         how[1].flags = os.O_PATH | os.O_DIRECTORY
         how[1].resolve = resolve
+        how[2].flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | (os.O_DIRECT if self.direct_io else 0)
+        how[2].mode = 0o644
+        how[2].resolve = resolve
         self._how = how
+        size = b.ffi.sizeof("struct open_how")
         self._how_read_addr = b.address_of(how)
-        self._how_dir_addr = self._how_read_addr + b.ffi.sizeof("struct open_how")
-        self._put_flags = (
-            os.O_CREAT | os.O_EXCL | os.O_WRONLY | (os.O_DIRECT if self.direct_io else 0)
-        )
+        self._how_dir_addr = self._how_read_addr + size
+        self._how_create_addr = self._how_read_addr + 2 * size
 
     # -- helpers for units -----------------------------------------------------------
     def _trailer(self, slot: int) -> memoryview:
@@ -723,9 +721,9 @@ class BlockStore:
     def _statx_addr(self, slot: int) -> int:
         return self._statx_base + slot * b.STATX_SIZE
 
-    def _next_tmp_name(self, slot: int) -> bytes:
+    def _tmp_name(self, path: bytes) -> bytes:
         self._tmp_seq += 1
-        return b"%d.%d" % (slot, self._tmp_seq)
+        return path + self._tmp_marker % self._tmp_seq
 
     def _bounce_get(self) -> mmap.mmap:
         self._stats["bounced"] += 1
@@ -824,10 +822,21 @@ class BlockStore:
         self._pair(keys, bufs)
         paths = self._paths(keys)
         views = self._views(bufs, writable=False)
+        writer = self._writer
+        assert writer is not None
+        for _kb, leaf, _path in paths:
+            writer.note_leaf(leaf)
         batch = self._new_batch(len(paths))
+        seq = self._tmp_seq
+        self._tmp_seq += len(paths)
+        marker = self._tmp_marker
+        names: list[bytes] = []
+        for i, (_kb, _leaf, path) in enumerate(paths):
+            names += (path, path + marker % (seq + i))
+        addrs = batch.c_strings(names)
         self._stats["puts"] += len(paths)
         return [
-            _PutUnit(self, batch, i, kb, path, leaf, view)
+            _PutUnit(self, batch, i, kb, path, leaf, addrs[2 * i], addrs[2 * i + 1], view)
             for i, ((kb, leaf, path), view) in enumerate(zip(paths, views))
         ]
 
@@ -837,9 +846,10 @@ class BlockStore:
         paths = self._paths(keys)
         views = self._views(bufs, writable=True)
         batch = self._new_batch(len(paths))
+        addrs = batch.c_strings([path for _kb, _leaf, path in paths])
         self._stats["gets"] += len(paths)
         return [
-            _GetUnit(self, batch, i, kb, path, view)
+            _GetUnit(self, batch, i, kb, path, addrs[i], view)
             for i, ((kb, _leaf, path), view) in enumerate(zip(paths, views))
         ]
 
