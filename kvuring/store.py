@@ -31,6 +31,7 @@ import logging
 import mmap
 import os
 import stat
+from array import array
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,6 +64,7 @@ _S = b.SQE_CQE_SKIP_SUCCESS
 _L = b.SQE_IO_LINK
 _H = b.SQE_IO_HARDLINK
 _F = b.SQE_FIXED_FILE
+_A = b.SQE_ASYNC  # for creates: they always block, so skip the non-blocking attempt
 
 
 class Status(enum.Enum):
@@ -172,7 +174,7 @@ def _short(res: int | None, want: int) -> bool:
 
 class _PutUnit(_BlockUnit):
     __slots__ = (
-        "bounce", "dir_paths", "error", "exists", "leaf", "made_dirs", "path_addr",
+        "bounce", "dir_paths", "error", "exists", "leaf", "leaf_addr", "made_dirs", "path_addr",
         "payload_addr", "pinned", "psum", "retry_after_cleanup", "stage", "tmp_addr", "view",
     )  # fmt: skip
 
@@ -186,10 +188,12 @@ class _PutUnit(_BlockUnit):
         leaf: bytes,
         path_addr: int,
         tmp_addr: int,
+        leaf_addr: int,
         view: memoryview,
     ) -> None:
         super().__init__(store, batch, index, kb, path)
         self.leaf = leaf
+        self.leaf_addr = leaf_addr
         self.path_addr = path_addr
         self.tmp_addr = tmp_addr
         self.view: memoryview | None = view
@@ -220,26 +224,36 @@ class _PutUnit(_BlockUnit):
         ns = st.ns_fd
         tmp = self.tmp_addr
         rename_flags = b.RENAME_NOREPLACE if st.noreplace else 0
+        flags: list[int] = []
+        words = self._words
+        if self.leaf not in st._leaves_ready and self.leaf[:3] not in st._unsafe_fanout:
+            # A leaf directory this process has not used yet: make it first
+            # (EEXIST is fine, the hard link runs on).  Its parent was made
+            # at open; the create below refuses symlinks on the whole path.
+            flags.append(_H | _S)
+            words.extend((b.OP_MKDIRAT, _H | _S, ns, self.leaf_addr, 0, 0, ud, 0, 0o755, 0))
+        n = len(flags)
         if st.verify:
             pack_trailer(st._trailer(slot), self.kb, bs, self.psum)
-            self._flags = [_L | _S, _L | _S | _F, _L | _S | _F, _L | _S, 0]
-            self._words.extend((
-                b.OP_OPENAT2, _L | _S, ns, tmp, 0, 0, ud, 0, st._how_create_addr, slot + 1,
-                b.OP_WRITE, _L | _S | _F, slot, self.payload_addr, bs, 0, ud | 1, 0, 0, 0,
-                b.OP_WRITE, _L | _S | _F, slot, st._trailer_addr(slot), TRAILER_SIZE, bs, ud | 2, 0, 0, 0,
-                b.OP_CLOSE, _L | _S, 0, 0, 0, 0, ud | 3, 0, 0, slot + 1,
-                b.OP_RENAMEAT, 0, ns, tmp, 0, 0, ud | 4, rename_flags, ns, self.path_addr,
+            # payload + trailer in one writev, both O_DIRECT-aligned
+            iov_addr = st._set_iov(slot, self.payload_addr)
+            flags += (_L | _S | _A, _L | _S | _F, _L | _S, 0)
+            words.extend((
+                b.OP_OPENAT2, _L | _S | _A, ns, tmp, 0, 0, ud | n, 0, st._how_create_addr, slot + 1,
+                b.OP_WRITEV, _L | _S | _F, slot, iov_addr, 2, 0, ud | (n + 1), 0, 0, 0,
+                b.OP_CLOSE, _L | _S, 0, 0, 0, 0, ud | (n + 2), 0, 0, slot + 1,
+                b.OP_RENAMEAT, 0, ns, tmp, 0, 0, ud | (n + 3), rename_flags, ns, self.path_addr,
             ))  # fmt: skip
-            self.res = [None, None, None, None, None]
         else:
-            self._flags = [_L | _S, _L | _S | _F, _L | _S, 0]
-            self._words.extend((
-                b.OP_OPENAT2, _L | _S, ns, tmp, 0, 0, ud, 0, st._how_create_addr, slot + 1,
-                b.OP_WRITE, _L | _S | _F, slot, self.payload_addr, bs, 0, ud | 1, 0, 0, 0,
-                b.OP_CLOSE, _L | _S, 0, 0, 0, 0, ud | 2, 0, 0, slot + 1,
-                b.OP_RENAMEAT, 0, ns, tmp, 0, 0, ud | 3, rename_flags, ns, self.path_addr,
+            flags += (_L | _S | _A, _L | _S | _F, _L | _S, 0)
+            words.extend((
+                b.OP_OPENAT2, _L | _S | _A, ns, tmp, 0, 0, ud | n, 0, st._how_create_addr, slot + 1,
+                b.OP_WRITE, _L | _S | _F, slot, self.payload_addr, bs, 0, ud | (n + 1), 0, 0, 0,
+                b.OP_CLOSE, _L | _S, 0, 0, 0, 0, ud | (n + 2), 0, 0, slot + 1,
+                b.OP_RENAMEAT, 0, ns, tmp, 0, 0, ud | (n + 3), rename_flags, ns, self.path_addr,
             ))  # fmt: skip
-            self.res = [None, None, None, None]
+        self._flags = flags
+        self.res = [None] * len(flags)
 
     def _make_dirs(self, slot: int) -> None:
         # First block in this leaf directory: make both levels (EEXIST is
@@ -285,7 +299,7 @@ class _PutUnit(_BlockUnit):
                 self.begin(slot)
             return
         st = self.store
-        res = self.res
+        res = self.res[-4:]  # a leading mkdir's EEXIST (or error) needs no action
         open_res = res[0]
         if open_res is not None and open_res < 0:
             if open_res == -errno.ENOENT and not self.made_dirs:
@@ -295,20 +309,18 @@ class _PutUnit(_BlockUnit):
             else:
                 self._finish(Status.FAILED, self.fail(open_res))
             return
-        writes = [(res[1], st.block_size)]
-        if st.verify:
-            writes.append((res[2], TRAILER_SIZE))
-        close_res = res[-2]
-        for wres, want in writes:
-            if wres is not None and wres < 0:
-                self._cleanup(slot, self.fail(wres), retry=self.retry(wres), close=True)
-                return
-            if _short(wres, want):
-                err = OSError(errno.ENOSPC, f"short write ({wres} of {want} bytes)",
-                              os.fsdecode(st.ns_path / self.path))  # fmt: skip
-                st._count_failure(err)
-                self._cleanup(slot, err, retry=False, close=True)
-                return
+        st._leaves_ready.add(self.leaf)
+        wres, want = res[1], st.file_size
+        if wres is not None and wres < 0:
+            self._cleanup(slot, self.fail(wres), retry=self.retry(wres), close=True)
+            return
+        if _short(wres, want):
+            err = OSError(errno.ENOSPC, f"short write ({wres} of {want} bytes)",
+                          os.fsdecode(st.ns_path / self.path))  # fmt: skip
+            st._count_failure(err)
+            self._cleanup(slot, err, retry=False, close=True)
+            return
+        close_res = res[2]
         if close_res is not None and close_res < 0:
             self._cleanup(slot, self.fail(close_res), retry=self.retry(close_res), close=True)
             return
@@ -393,22 +405,20 @@ class _GetUnit(_BlockUnit):
         ud = self._ud
         bs = st.block_size
         if st.verify:
-            self._flags = [_L | _S, _H | _S | _F, _H | _S | _F, 0]
+            iov_addr = st._set_iov(slot, self.read_addr)
             self._words.extend((
                 b.OP_OPENAT2, _L | _S, st.ns_fd, self.path_addr, 0, 0, ud, 0, st._how_read_addr, slot + 1,
-                b.OP_READ, _H | _S | _F, slot, self.read_addr, bs, 0, ud | 1, 0, 0, 0,
-                b.OP_READ, _H | _S | _F, slot, st._trailer_addr(slot), TRAILER_SIZE, bs, ud | 2, 0, 0, 0,
-                b.OP_CLOSE, 0, 0, 0, 0, 0, ud | 3, 0, 0, slot + 1,
+                b.OP_READV, _H | _S | _F, slot, iov_addr, 2, 0, ud | 1, 0, 0, 0,
+                b.OP_CLOSE, 0, 0, 0, 0, 0, ud | 2, 0, 0, slot + 1,
             ))  # fmt: skip
-            self.res = [None, None, None, None]
         else:
-            self._flags = [_L | _S, _H | _S | _F, 0]
             self._words.extend((
                 b.OP_OPENAT2, _L | _S, st.ns_fd, self.path_addr, 0, 0, ud, 0, st._how_read_addr, slot + 1,
                 b.OP_READ, _H | _S | _F, slot, self.read_addr, bs, 0, ud | 1, 0, 0, 0,
                 b.OP_CLOSE, 0, 0, 0, 0, 0, ud | 2, 0, 0, slot + 1,
             ))  # fmt: skip
-            self.res = [None, None, None]
+        self._flags = [_L | _S, _H | _S | _F, 0]
+        self.res = [None, None, None]
 
     def end_chain(self, slot: int) -> None:
         if self.stage == "unlink":
@@ -425,19 +435,16 @@ class _GetUnit(_BlockUnit):
             else:
                 self._finish(Status.FAILED, self.fail(open_res))
             return
-        reads = [(res[1], st.block_size)]
-        if st.verify:
-            reads.append((res[2], TRAILER_SIZE))
+        rres, want = res[1], st.file_size
+        if rres is not None and rres < 0:
+            if self.retry(rres):
+                self.begin(slot)
+            else:
+                self._finish(Status.FAILED, self.fail(rres))
+            return
         why: str | None = None
-        for rres, want in reads:
-            if rres is not None and rres < 0:
-                if self.retry(rres):
-                    self.begin(slot)
-                else:
-                    self._finish(Status.FAILED, self.fail(rres))
-                return
-            if why is None and _short(rres, want):
-                why = f"short read ({rres} of {want} bytes)"
+        if _short(rres, want):
+            why = f"short read ({rres} of {want} bytes)"
         payload = memoryview(self.bounce)[: st.block_size] if self.bounce is not None else self.view
         assert payload is not None
         if why is None and st.verify:
@@ -590,6 +597,8 @@ class BlockStore:
         self._tmp_marker = b""
         self._ring: AsyncRing | None = None
         self._tmp_seq = 0
+        self._leaves_ready: set[bytes] = set()
+        self._unsafe_fanout: set[bytes] = set()
         self._bounce_pool: list[mmap.mmap] = []
         self._bounce_logged = False
         self._failure_logged: set[int] = set()
@@ -619,6 +628,7 @@ class BlockStore:
             self._stats["dead_writers_cleaned"] += remove_dead_writers(ns)
             self._writer = WriterRegistration(ns)
             self._tmp_marker = tmp_suffix(self._writer.token) + b"%d.tmp"
+            self._prepare_fanout(ns)
             self._probe_direct()
             self._setup_memory()
             self._ring = await AsyncRing(
@@ -651,6 +661,27 @@ class BlockStore:
         if self.ns_fd >= 0:
             os.close(self.ns_fd)
             self.ns_fd = -1
+
+    def _prepare_fanout(self, ns: str) -> None:
+        """Make the 4096 upper fan-out directories once per namespace; note any that are not real ones.
+
+        With them in place a store into a new leaf costs one mkdir in its
+        chain.  An upper name that is a symlink (or a file) never gets a
+        mkdir through it: those leaves take the checked path, which fails.
+        """
+        assert self._writer is not None
+        marker = os.path.join(self._writer.dir, "fanout-ready")
+        if not os.path.exists(marker):
+            for i in range(4096):
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(os.path.join(ns, f"{i:03x}"), 0o755)
+            with open(marker, "wb"):
+                pass
+        self._unsafe_fanout = {
+            os.fsencode(e.name)
+            for e in os.scandir(ns)
+            if len(e.name) == 3 and not e.is_dir(follow_symlinks=False)
+        }
 
     def _probe_direct(self) -> None:
         if self.direct_requested is False:
@@ -691,6 +722,13 @@ class BlockStore:
         self._trailers_base = (
             b.address_of(b.pin_buffer(self._trailers, writable=True)) if self._trailers else 0
         )
+        # Per slot: struct iovec[2] = {payload, block_size}, {trailer page, TRAILER_SIZE},
+        # as four 64-bit words (the layout of struct iovec on 64-bit Linux).
+        self._iov = array("Q", [0, self.block_size, 0, TRAILER_SIZE] * slots)
+        for slot in range(slots):
+            self._iov[4 * slot + 2] = self._trailer_addr(slot) if self.verify else 0
+        self._iov_pin = b.pin_buffer(self._iov, writable=True)
+        self._iov_base = b.address_of(self._iov_pin)
         self._statx = b.ffi.new("struct statx[]", slots)
         self._statx_base = b.address_of(self._statx)
         how = b.ffi.new("struct open_how[3]")
@@ -717,6 +755,11 @@ class BlockStore:
 
     def _trailer_addr(self, slot: int) -> int:
         return self._trailers_base + slot * TRAILER_SIZE
+
+    def _set_iov(self, slot: int, payload_addr: int) -> int:
+        """Point the slot's two-entry iovec (payload, trailer page) at ``payload_addr``."""
+        self._iov[4 * slot] = payload_addr
+        return self._iov_base + 32 * slot
 
     def _statx_addr(self, slot: int) -> int:
         return self._statx_base + slot * b.STATX_SIZE
@@ -831,12 +874,23 @@ class BlockStore:
         self._tmp_seq += len(paths)
         marker = self._tmp_marker
         names: list[bytes] = []
-        for i, (_kb, _leaf, path) in enumerate(paths):
-            names += (path, path + marker % (seq + i))
+        for i, (_kb, leaf, path) in enumerate(paths):
+            names += (path, path + marker % (seq + i), leaf)
         addrs = batch.c_strings(names)
         self._stats["puts"] += len(paths)
         return [
-            _PutUnit(self, batch, i, kb, path, leaf, addrs[2 * i], addrs[2 * i + 1], view)
+            _PutUnit(
+                self,
+                batch,
+                i,
+                kb,
+                path,
+                leaf,
+                addrs[3 * i],
+                addrs[3 * i + 1],
+                addrs[3 * i + 2],
+                view,
+            )
             for i, ((kb, leaf, path), view) in enumerate(zip(paths, views))
         ]
 
