@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,6 +215,20 @@ class AsyncRing:
             raise RuntimeError("AsyncRing is closed")
         self.driver.engine.check_owner()
         self.driver.start(unit)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._flush)
+
+    def start_many(self, units: Sequence[Unit]) -> None:
+        """Start several units; one ownership check and one scheduled flush for all."""
+        if self.closed:
+            raise RuntimeError("AsyncRing is closed")
+        driver = self.driver
+        driver.engine.check_owner()
+        start = driver.start
+        for unit in units:
+            start(unit)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             assert self._loop is not None

@@ -842,11 +842,9 @@ class BlockStore:
             raise ValueError(f"{len(keys)} keys but {len(bufs)} buffers")
 
     async def _run(self, units: list[_BlockUnit], batch: _Batch) -> None:
-        ring = self._ring_for_call()
-        for unit in units:
-            ring.start(unit)
         if not units:
             return
+        self._ring_for_call().start_many(units)
         try:
             await batch.fut
         except asyncio.CancelledError:
