@@ -48,6 +48,7 @@ from kvuring._format import (
     key_bytes,
     pack_trailer,
 )
+from kvuring._fs import MEMORY_FILESYSTEMS, filesystem_of
 from kvuring._types import Buffer
 from kvuring._writers import WriterRegistration, remove_dead_writers, tmp_suffix
 from kvuring.aio import AsyncRing
@@ -408,16 +409,16 @@ class _GetUnit(_BlockUnit):
             iov_addr = st._set_iov(slot, self.read_addr)
             self._words.extend((
                 b.OP_OPENAT2, _L | _S, st.ns_fd, self.path_addr, 0, 0, ud, 0, st._how_read_addr, slot + 1,
-                b.OP_READV, _H | _S | _F, slot, iov_addr, 2, 0, ud | 1, 0, 0, 0,
+                b.OP_READV, _H | _S | _F | st._read_flags, slot, iov_addr, 2, 0, ud | 1, 0, 0, 0,
                 b.OP_CLOSE, 0, 0, 0, 0, 0, ud | 2, 0, 0, slot + 1,
             ))  # fmt: skip
         else:
             self._words.extend((
                 b.OP_OPENAT2, _L | _S, st.ns_fd, self.path_addr, 0, 0, ud, 0, st._how_read_addr, slot + 1,
-                b.OP_READ, _H | _S | _F, slot, self.read_addr, bs, 0, ud | 1, 0, 0, 0,
+                b.OP_READ, _H | _S | _F | st._read_flags, slot, self.read_addr, bs, 0, ud | 1, 0, 0, 0,
                 b.OP_CLOSE, 0, 0, 0, 0, 0, ud | 2, 0, 0, slot + 1,
             ))  # fmt: skip
-        self._flags = [_L | _S, _H | _S | _F, 0]
+        self._flags = [_L | _S, _H | _S | _F | st._read_flags, 0]
         self.res = [None, None, None]
 
     def end_chain(self, slot: int) -> None:
@@ -592,6 +593,9 @@ class BlockStore:
         self.mem_align = 1
         self.offset_align = 1
         self.noreplace = True
+        self.filesystem = "unknown"
+        self.spread_reads = False
+        self._read_flags = 0
         self.ns_fd = -1
         self._writer: WriterRegistration | None = None
         self._tmp_marker = b""
@@ -630,6 +634,7 @@ class BlockStore:
             self._tmp_marker = tmp_suffix(self._writer.token) + b"%d.tmp"
             self._prepare_fanout(ns)
             self._probe_direct()
+            self._choose_read_mode(ns)
             self._setup_memory()
             self._ring = await AsyncRing(
                 backend=self.backend_requested, queue_depth=self.queue_depth
@@ -714,6 +719,15 @@ class BlockStore:
         self.direct_io = True
         self.mem_align = align
         self.offset_align = align
+
+    def _choose_read_mode(self, ns: str) -> None:
+        # Reads served from memory (tmpfs, or the page cache when buffered)
+        # complete on one core: inline in the submit, or one at a time on a
+        # single io-wq worker.  IOSQE_ASYNC hands them to io-wq's workers,
+        # which copy in parallel (5x faster at 64 KiB on 16 cores).
+        self.filesystem = filesystem_of(ns)["type"]
+        self.spread_reads = self.filesystem in MEMORY_FILESYSTEMS or not self.direct_io
+        self._read_flags = _A if self.spread_reads else 0
 
     def _setup_memory(self) -> None:
         slots = self.queue_depth
@@ -985,6 +999,8 @@ class BlockStore:
             block_size=self.block_size,
             namespace=self.namespace,
             rename_noreplace=self.noreplace,
+            filesystem=self.filesystem,
+            spread_reads=self.spread_reads,
         )
         if self._ring is not None and self._ring._driver is not None:
             out["ring"] = self._ring.stats()
