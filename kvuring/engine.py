@@ -574,6 +574,8 @@ def open_engine(backend: str | None = None, *, slots: int = 256, threads: int = 
                     if engine.features[k]
                 ),
             )
+        elif reason == "asked for":
+            log.info("kvuring engine: threads (asked for)")
         else:
             log.warning("kvuring engine: threads (%s)", reason)
     return engine

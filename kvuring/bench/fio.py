@@ -84,15 +84,14 @@ def run_fio(
     return Sample(seconds, cpu, int(part["io_bytes"]), int(part["total_ios"]), errors)
 
 
-def measure_startup_cpu(path: str, size: int, block_size: int, iodepth: int) -> float:
-    """fio's fixed cost: CPU seconds of a run that reads one queue's worth (median of 3).
+def measure_startup_cpu(path: str, block_size: int, iodepth: int) -> float:
+    """fio's fixed cost: CPU seconds of a run that reads a single block (median of 3).
 
-    One full queue, so that fio sets up (and faults in) its iodepth buffers
-    as in the real runs; the few blocks it moves make the estimate err in
-    fio's favour, by a little.
+    Mostly option parsing and process setup (~0.2 s here); taking it off
+    keeps small runs from charging it to the bytes moved.  One block of I/O
+    stays in it, so fio is never credited with less than its real cost.
     """
-    probe = min(size, block_size * iodepth)
-    runs = sorted(run_fio(path, "read", probe, block_size, iodepth).cpu_seconds
+    runs = sorted(run_fio(path, "read", block_size, block_size, iodepth).cpu_seconds
                   for _ in range(3))
     return runs[1]
 
@@ -112,4 +111,4 @@ def prepare_file(
     finally:
         os.close(fd)
     run_fio(path, "write", size, block_size, iodepth, timeout=timeout)
-    return measure_startup_cpu(path, size, block_size, iodepth)
+    return measure_startup_cpu(path, block_size, iodepth)
