@@ -525,12 +525,14 @@ class _DeleteUnit(_BlockUnit):
         # unlinking through them: a planted symlink must not redirect it.
         self.op(b.OP_OPENAT2, _L | _S, st.ns_fd, b.address_of(self.cdir), 0, 0, 0,
                 st._how_dir_addr, slot + 1)  # fmt: skip
-        self.op(b.OP_UNLINKAT, _H | _S, st.ns_fd, b.address_of(self.cpath), 0, 0, 0)
+        # No CQE_SKIP_SUCCESS on the unlink: the kernel does not mark a failed
+        # unlinkat as failed, so a skipped CQE would hide ENOENT.
+        self.op(b.OP_UNLINKAT, _H, st.ns_fd, b.address_of(self.cpath), 0, 0, 0)
         self.op(b.OP_CLOSE, 0, 0, 0, 0, 0, 0, 0, slot + 1)
         self.res = [None] * self.steps()
 
     def end_chain(self, slot: int) -> None:
-        dir_res, unlink_res = self.res[0] or 0, self.res[1] or 0
+        dir_res, unlink_res = self.res[0] or 0, self.res[1]
         if dir_res < 0:
             if dir_res in (-errno.ENOENT, -errno.ENOTDIR):
                 self.batch.done(self.index, False)
@@ -540,7 +542,7 @@ class _DeleteUnit(_BlockUnit):
         if unlink_res == 0:
             self.store._stats["deleted"] += 1
             self.batch.done(self.index, True)
-        elif unlink_res == -errno.ENOENT:
+        elif unlink_res is None or unlink_res == -errno.ENOENT:
             self.batch.done(self.index, False)
         else:
             self.batch.done(self.index, False, self.fail(unlink_res))
