@@ -151,6 +151,7 @@ CDEF_KVURING = """
 #define KVU_OP_WORDS ...
 int kvu_prep_ops(struct io_uring *ring, const uint64_t *ops, unsigned n);
 unsigned kvu_reap(struct io_uring *ring, uint64_t *user_data, int32_t *res, unsigned max);
+int kvu_statx(int dfd, const char *path, int flags, unsigned mask, struct statx *buf);
 unsigned kvu_run_chain(const uint64_t *ops, unsigned n, int *files, unsigned nfiles,
                        uint64_t *user_data, int32_t *res);
 """
@@ -322,9 +323,9 @@ unsigned kvu_reap(struct io_uring *ring, uint64_t *user_data, int32_t *res, unsi
  * the code above it cannot tell the engines apart:
  *  - a failed or short read/write breaks a soft link: later links get
  *    -ECANCELED; a hard link runs on;
- *  - but, as in the kernel since io_uring/fs.c and its siblings (6.0), a
- *    negative result from statx, mkdirat, unlinkat, renameat or fsync is
- *    only a result, not a failure: it breaks no link and CQE_SKIP_SUCCESS
+ *  - but, as in current kernels (seen on 6.18; 5.x differed), a negative
+ *    result from statx, mkdirat, unlinkat, renameat or fsync is only a
+ *    result, not a failure: it breaks no link and CQE_SKIP_SUCCESS
  *    still hides it (fsync fails only when its fd is bad) -- see kvu_fails;
  *  - IOSQE_CQE_SKIP_SUCCESS hides successful completions; when a request
  *    that carries it fails, the links it cancels post nothing either;
@@ -485,6 +486,12 @@ static int kvu_fails(int op, int64_t r, int64_t want)
     default:
         return r < 0 || (want >= 0 && r != want);
     }
+}
+
+/* statx(2) for Python 3.11, which has no os.statx: -errno on failure. */
+int kvu_statx(int dfd, const char *path, int flags, unsigned mask, struct statx *buf)
+{
+    return syscall(SYS_statx, dfd, path, flags, mask, buf) < 0 ? -errno : 0;
 }
 
 unsigned kvu_run_chain(const uint64_t *ops, unsigned n, int *files, unsigned nfiles,

@@ -44,7 +44,7 @@ __all__ = [
 def backend_info(backend: str | None = None) -> dict[str, Any]:
     """Which engine ``backend`` (default: ``KVURING_BACKEND`` or ``auto``) gives here, and why.
 
-    Opens an engine briefly to find out; returns its name, features and stats.
+    Opens an engine briefly to find out; returns its name and the features it found.
     """
     engine = open_engine(backend, slots=8)
     try:

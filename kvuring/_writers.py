@@ -18,10 +18,14 @@ import logging
 import os
 import re
 import secrets
+import time
 
 log = logging.getLogger("kvuring")
 
 REGISTRY_DIR = ".tmp"
+# A lock file still under its staging name is left alone this long: its
+# writer may be between creating and locking it.
+STAGING_GRACE_S = 60.0
 _LEAF_RE = re.compile(rb"[0-9a-f]{3}/[0-9a-f]{2}")
 
 
@@ -82,6 +86,8 @@ def remove_dead_writers(ns_path: str) -> int:
         if not entry.is_file(follow_symlinks=False):
             continue
         token = name.rsplit(".", 1)[0]
+        if name.endswith(".locking") and _age(entry) < STAGING_GRACE_S:
+            continue  # a writer between creating and locking it
         try:
             fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError:
@@ -99,6 +105,13 @@ def remove_dead_writers(ns_path: str) -> int:
         finally:
             os.close(fd)
     return removed
+
+
+def _age(entry: os.DirEntry[str]) -> float:
+    try:
+        return time.time() - entry.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        return 0.0
 
 
 def _read_all(fd: int) -> bytes:

@@ -286,7 +286,7 @@ class AsyncRing:
         *,
         dir_fd: int | None = None,
     ) -> int:
-        """Open ``path``; returns a plain file descriptor (close it with :meth:`close`)."""
+        """Open ``path``; returns a plain file descriptor (close it with :meth:`close_fd`)."""
         cpath = b.c_path(fs_path(path))
         dfd = b.AT_FDCWD if dir_fd is None else dir_fd
         fields = (b.OP_OPENAT, 0, dfd, b.address_of(cpath), 0, 0, flags | os.O_CLOEXEC, mode, 0)

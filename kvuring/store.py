@@ -5,20 +5,21 @@ plus a suffix.  Every block operation is one :class:`~kvuring._driver.Unit`
 (the per-block state machine, written once here) driven by the asyncio
 adapter; the same units run on the io_uring engine and the thread engine.
 
-Chains (``S`` = CQE_SKIP_SUCCESS, ``L`` = link, ``H`` = hard link)::
+Chains (``S`` = CQE_SKIP_SUCCESS, ``L`` = link, ``H`` = hard link, ``A`` = async)::
 
-    store  [mkdir d1 H·S → mkdir d1/d2 H·S → openat2 d1/d2 O_PATH L·S]   (first use of a dir)
-           open tmp O_CREAT|O_EXCL L·S → write payload L·S → write trailer L·S
-           → close L·S → renameat RENAME_NOREPLACE
-    load   openat2 O_RDONLY L·S → read payload H·S → read trailer H·S → close
+    store  [mkdirat leaf H·S]                          (first use of a leaf by this process)
+           openat2 <final>.<token>.<seq>.tmp O_CREAT|O_EXCL, no symlinks L·S·A
+           → writev payload + trailer L·S → close L·S → renameat RENAME_NOREPLACE
+    load   openat2 <final>, no symlinks L·S → readv payload + trailer H·S → close
     stat   statx
-    delete openat2 dir O_PATH L·S → unlinkat H·S → close
+    delete openat2 leaf O_PATH L·S → unlinkat H → close
 
 A soft-linked step that fails ends its chain, so a rename never follows a
-failed or short write; the temp file is then closed and unlinked by a
-follow-up chain.  Temp files live in a per-process directory under
-``<namespace>/.tmp/``, guarded by an flock, so the next open can remove a
-dead writer's leftovers without touching a live one's.
+failed or short write; a follow-up chain then closes and unlinks the temp
+file.  The temp file sits beside its final name, so publishing is a rename
+within one directory.  Each open store registers in ``<namespace>/.tmp/``
+(see :mod:`kvuring._writers`), so the next open can remove a dead writer's
+temp files without touching a live one's.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ log = logging.getLogger("kvuring")
 
 PAGE = mmap.PAGESIZE
 MAX_BLOCK_SIZE = 1 << 30
+# Every in-flight chain may post up to 8 CQEs and the kernel caps the CQ at
+# 64 Ki entries.
+MAX_QUEUE_DEPTH = 8192
 MAX_RETRIES = 8
 RETRY_ERRNOS = frozenset((errno.EAGAIN, errno.EINTR))
 
@@ -77,6 +81,15 @@ class Status(enum.Enum):
     MISS = "miss"  #: get found no block
     CORRUPT = "corrupt"  #: get found a damaged block; it was removed
     FAILED = "failed"  #: an OS error (ENOSPC, EACCES, EIO, ...); see the log and stats()
+
+
+def _dio_alignment(path: str) -> tuple[int, int]:
+    """(memory, file offset) alignment for O_DIRECT: statx DIOALIGN (6.1+), else a page."""
+    sx = b.ffi.new("struct statx *")
+    res = b.lib.kvu_statx(b.AT_FDCWD, os.fsencode(path), 0, b.STATX_DIOALIGN, sx)
+    if res == 0 and sx.stx_mask & b.STATX_DIOALIGN and sx.stx_dio_offset_align:
+        return max(1, sx.stx_dio_mem_align), sx.stx_dio_offset_align
+    return PAGE, PAGE
 
 
 def aligned_buffer(nbytes: int) -> mmap.mmap:
@@ -313,7 +326,7 @@ class _PutUnit(_BlockUnit):
         st._leaves_ready.add(self.leaf)
         wres, want = res[1], st.file_size
         if wres is not None and wres < 0:
-            self._cleanup(slot, self.fail(wres), retry=self.retry(wres), close=True)
+            self._cleanup_or_retry(slot, wres, close=True)
             return
         if _short(wres, want):
             err = OSError(errno.ENOSPC, f"short write ({wres} of {want} bytes)",
@@ -323,7 +336,7 @@ class _PutUnit(_BlockUnit):
             return
         close_res = res[2]
         if close_res is not None and close_res < 0:
-            self._cleanup(slot, self.fail(close_res), retry=self.retry(close_res), close=True)
+            self._cleanup_or_retry(slot, close_res, close=True)
             return
         rename_res = res[-1]
         self._after_rename(-errno.ECANCELED if rename_res is None else rename_res)
@@ -347,7 +360,12 @@ class _PutUnit(_BlockUnit):
             self._rename()
         else:
             assert res is not None
-            self._cleanup(slot, self.fail(res), retry=self.retry(res), close=False)
+            self._cleanup_or_retry(slot, res, close=False)
+
+    def _cleanup_or_retry(self, slot: int, res: int, *, close: bool) -> None:
+        # Count and log the error only when no retry follows.
+        retry = self.retry(res)
+        self._cleanup(slot, None if retry else self.fail(res), retry=retry, close=close)
 
     def _cleanup(self, slot: int, err: OSError | None, *, retry: bool, close: bool) -> None:
         # The rename never ran or failed: close the slot if a write failed
@@ -365,6 +383,9 @@ class _PutUnit(_BlockUnit):
         if self.bounce is not None:
             st._bounce_put(self.bounce)
             self.bounce = None
+        # The kernel is done with the memory: give the export back now (an
+        # mmap can then be closed right after the await; see aio._release).
+        b.ffi.release(self.pinned)
         self.pinned = self.view = None
         if status is Status.STORED:
             st._stats["stored"] += 1
@@ -468,6 +489,9 @@ class _GetUnit(_BlockUnit):
         if self.bounce is not None:
             st._bounce_put(self.bounce)
             self.bounce = None
+        # The kernel is done with the memory: give the export back now (an
+        # mmap can then be closed right after the await; see aio._release).
+        b.ffi.release(self.pinned)
         self.pinned = self.view = None
         if status is Status.HIT:
             st._stats["hits"] += 1
@@ -577,14 +601,17 @@ class BlockStore:
             raise TypeError(f"block_size must be int, not {type(block_size).__name__}")
         if not 0 < block_size <= MAX_BLOCK_SIZE:
             raise ValueError(f"block_size must be between 1 and {MAX_BLOCK_SIZE}, got {block_size}")
-        if direct not in ("auto", True, False):
+        if not (isinstance(direct, bool) or direct == "auto"):
             raise ValueError(f"direct must be 'auto', True or False; got {direct!r}")
-        if not isinstance(queue_depth, int) or not 1 <= queue_depth <= 65536:
-            raise ValueError(f"queue_depth must be between 1 and 65536, got {queue_depth!r}")
+        if not isinstance(queue_depth, int) or not 1 <= queue_depth <= MAX_QUEUE_DEPTH:
+            raise ValueError(
+                f"queue_depth must be between 1 and {MAX_QUEUE_DEPTH}, got {queue_depth!r}"
+            )
         self.root = os.path.abspath(os.fspath(root))
         self.block_size = block_size
         self.namespace = check_namespace(namespace)
-        self.backend_requested = resolve_backend(backend)
+        # KVURING_BACKEND steers the default "auto"; an explicit engine wins.
+        self.backend_requested = resolve_backend(None if backend == "auto" else backend)
         self.direct_requested = direct
         self.verify = bool(verify)
         self.queue_depth = queue_depth
@@ -619,10 +646,10 @@ class BlockStore:
     # -- life cycle ----------------------------------------------------------------
     async def open(self) -> BlockStore:
         """Create the directories, probe direct I/O, clean up dead writers' temp files, start the ring."""
-        if self._ring is not None:
-            return self
         if self.closed:
             raise RuntimeError("BlockStore is closed")
+        if self._ring is not None:
+            return self
         ns = os.path.join(self.root, self.namespace)
         os.makedirs(self.root, exist_ok=True)
         with contextlib.suppress(FileExistsError):
@@ -634,13 +661,13 @@ class BlockStore:
             self._stats["dead_writers_cleaned"] += remove_dead_writers(ns)
             self._writer = WriterRegistration(ns)
             self._tmp_marker = tmp_suffix(self._writer.token) + b"%d.tmp"
-            self._prepare_fanout(ns)
             self._probe_direct()
             self._choose_read_mode(ns)
             self._setup_memory()
             self._ring = await AsyncRing(
                 backend=self.backend_requested, queue_depth=self.queue_depth
             ).open()
+            await self._prepare_fanout(ns)
         except BaseException:
             self._close_fds()
             raise
@@ -669,19 +696,24 @@ class BlockStore:
             os.close(self.ns_fd)
             self.ns_fd = -1
 
-    def _prepare_fanout(self, ns: str) -> None:
+    async def _prepare_fanout(self, ns: str) -> None:
         """Make the 4096 upper fan-out directories once per namespace; note any that are not real ones.
 
         With them in place a store into a new leaf costs one mkdir in its
-        chain.  An upper name that is a symlink (or a file) never gets a
-        mkdir through it: those leaves take the checked path, which fails.
+        chain.  They are made through the ring, so a slow filesystem does not
+        stall the loop.  An upper name that is a symlink (or a file) never
+        gets a mkdir through it: those leaves take the checked path, which fails.
         """
-        assert self._writer is not None
+        assert self._writer is not None and self._ring is not None
         marker = os.path.join(self._writer.dir, "fanout-ready")
         if not os.path.exists(marker):
-            for i in range(4096):
+            ring = self._ring
+
+            async def mkdir(name: str) -> None:
                 with contextlib.suppress(FileExistsError):
-                    os.mkdir(os.path.join(ns, f"{i:03x}"), 0o755)
+                    await ring.mkdirat(name, 0o755, dir_fd=self.ns_fd)
+
+            await asyncio.gather(*(mkdir(f"{i:03x}") for i in range(4096)))
             with open(marker, "wb"):
                 pass
         self._unsafe_fanout = {
@@ -693,12 +725,12 @@ class BlockStore:
     def _probe_direct(self) -> None:
         if self.direct_requested is False:
             return
-        why = ""
-        st = os.statvfs(os.path.join(self.root, self.namespace))
-        align = max(512, min(PAGE, st.f_bsize or PAGE))
+        ns = os.path.join(self.root, self.namespace)
+        mem_align, offset_align = _dio_alignment(ns)
         assert self._writer is not None
         probe = os.path.join(self._writer.dir, f"{self._writer.token}.probe")
-        page = aligned_buffer(PAGE)
+        page = aligned_buffer(max(PAGE, offset_align))
+        why = ""
         try:
             fd = os.open(
                 probe, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC, 0o600
@@ -708,19 +740,27 @@ class BlockStore:
                 os.preadv(fd, [page], 0)
             finally:
                 os.close(fd)
-                os.unlink(probe)
         except OSError as exc:
             why = f"O_DIRECT is not supported here ({exc.strerror})"
-        if not why and self.block_size % align:
-            why = f"block_size {self.block_size} is not a multiple of the {align}-byte direct I/O alignment"
+        finally:
+            # Some filesystems create the file and only then refuse O_DIRECT.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(probe)
+        if not why and (
+            self.block_size % offset_align or (self.verify and TRAILER_SIZE % offset_align)
+        ):
+            why = (
+                f"block_size {self.block_size} is not a multiple of the {offset_align}-byte "
+                f"direct I/O alignment"
+            )
         if why:
             if self.direct_requested is True:
-                raise OSError(errno.EINVAL, why, os.path.join(self.root, self.namespace))
+                raise OSError(errno.EINVAL, why, ns)
             log.info("kvuring: buffered I/O on %s: %s", self.root, why)
             return
         self.direct_io = True
-        self.mem_align = align
-        self.offset_align = align
+        self.mem_align = mem_align
+        self.offset_align = offset_align
 
     def _choose_read_mode(self, ns: str) -> None:
         # Reads served from memory (tmpfs, or the page cache when buffered)

@@ -27,8 +27,11 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
         runner = Runner(cfg, root)
         need = check_space(cfg, root, runner.impls)
         if cfg.progress:
-            print(f"kvuring bench: up to {need / 1e9:.1f} GB of data in {root}, "
-                  f"{'kept' if cfg.keep else 'deleted'} at the end", file=sys.stderr)
+            print(
+                f"kvuring bench: up to {need / 1e9:.1f} GB of data in {root}, "
+                f"{'kept' if cfg.keep else 'deleted'} at the end",
+                file=sys.stderr,
+            )
         data = runner.run()
         return build_result(cfg, data, machine_info(root), root, cfg.keep)
     finally:

@@ -146,40 +146,96 @@ _DEFAULTS: dict[str, tuple[Any, Any]] = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options, shared by ``kvuring bench`` and ``python -m kvuring.bench``."""
     add = parser.add_argument
-    add("--dir", default=None,
+    add(
+        "--dir",
+        default=None,
         help="directory to benchmark in; a fresh subdirectory is made inside it "
-             "(default: the current directory's disk)")
+        "(default: the current directory's disk)",
+    )
     add("--out", default="bench-results", help="where results.json/.md/.png go (%(default)s)")
-    add("--sizes", type=_size_list, default=None,
-        help="comma-separated block sizes (default 64K,256K,2M; smoke: 64K)")
-    add("--gib", type=_positive_float, default=None,
-        help="GiB moved per block size, implementation and round (default 1; smoke: 1/128)")
-    add("--rounds", type=_positive_int, default=None, help="interleaved rounds (default 3; smoke: 1)")
-    add("--batch", type=_positive_int, default=None, help="blocks per put_many/get_many (default 64; smoke: 16)")
-    add("--concurrency", type=_positive_int, default=None,
-        help="batches in flight from concurrent coroutines (default 8; smoke: 4)")
+    add(
+        "--sizes",
+        type=_size_list,
+        default=None,
+        help="comma-separated block sizes (default 64K,256K,2M; smoke: 64K)",
+    )
+    add(
+        "--gib",
+        type=_positive_float,
+        default=None,
+        help="GiB moved per block size, implementation and round (default 1; smoke: 1/128)",
+    )
+    add(
+        "--rounds",
+        type=_positive_int,
+        default=None,
+        help="interleaved rounds (default 3; smoke: 1)",
+    )
+    add(
+        "--batch",
+        type=_positive_int,
+        default=None,
+        help="blocks per put_many/get_many (default 64; smoke: 16)",
+    )
+    add(
+        "--concurrency",
+        type=_positive_int,
+        default=None,
+        help="batches in flight from concurrent coroutines (default 8; smoke: 4)",
+    )
     add("--threads", type=_positive_int, default=16, help="seed thread-pool size (%(default)s)")
-    add("--queue-depth", type=_positive_int, default=256,
-        help="kvuring BlockStore queue_depth (%(default)s)")
+    add(
+        "--queue-depth",
+        type=_positive_int,
+        default=256,
+        help="kvuring BlockStore queue_depth (%(default)s)",
+    )
     add("--fio-iodepth", type=_positive_int, default=32, help="fio iodepth (%(default)s)")
-    add("--impls", type=_impl_list, default=ALL_IMPLS,
-        help=f"comma-separated subset of {','.join(ALL_IMPLS)}")
+    add(
+        "--impls",
+        type=_impl_list,
+        default=ALL_IMPLS,
+        help=f"comma-separated subset of {','.join(ALL_IMPLS)}",
+    )
     add("--no-latency", action="store_true", help="skip the prefix-load-under-stores test")
-    add("--latency-block", type=parse_size, default=None,
-        help="block size of the latency test (default 2M; smoke: 64K)")
-    add("--latency-prefix", type=_positive_int, default=16,
-        help="blocks per get_prefix request (%(default)s)")
-    add("--latency-requests", type=_positive_int, default=None,
-        help="prefix requests per implementation and round (default 50; smoke: 8)")
-    add("--bg-batch", type=_positive_int, default=16,
-        help="blocks per background put_many in the latency test (%(default)s)")
-    add("--step-timeout", type=_positive_float, default=None,
+    add(
+        "--latency-block",
+        type=parse_size,
+        default=None,
+        help="block size of the latency test (default 2M; smoke: 64K)",
+    )
+    add(
+        "--latency-prefix",
+        type=_positive_int,
+        default=16,
+        help="blocks per get_prefix request (%(default)s)",
+    )
+    add(
+        "--latency-requests",
+        type=_positive_int,
+        default=None,
+        help="prefix requests per implementation and round (default 50; smoke: 8)",
+    )
+    add(
+        "--bg-batch",
+        type=_positive_int,
+        default=16,
+        help="blocks per background put_many in the latency test (%(default)s)",
+    )
+    add(
+        "--step-timeout",
+        type=_positive_float,
+        default=None,
         help="seconds one kvuring session or fio run may take before it is dropped as hung "
-             "(default 1200; smoke: 30)")
+        "(default 1200; smoke: 30)",
+    )
     add("--keep", action="store_true", help="keep the benchmark's data directories")
     add("--no-progress", action="store_true", help="no progress bar")
-    add("--smoke", action="store_true",
-        help="a few seconds in total: tiny amounts, 1 round, 64 KiB (for CI)")
+    add(
+        "--smoke",
+        action="store_true",
+        help="a few seconds in total: tiny amounts, 1 round, 64 KiB (for CI)",
+    )
 
 
 def _pick(args: argparse.Namespace, dest: str, key: str | None = None) -> Any:

@@ -91,8 +91,9 @@ def measure_startup_cpu(path: str, block_size: int, iodepth: int) -> float:
     keeps small runs from charging it to the bytes moved.  One block of I/O
     stays in it, so fio is never credited with less than its real cost.
     """
-    runs = sorted(run_fio(path, "read", block_size, block_size, iodepth).cpu_seconds
-                  for _ in range(3))
+    runs = sorted(
+        run_fio(path, "read", block_size, block_size, iodepth).cpu_seconds for _ in range(3)
+    )
     return runs[1]
 
 

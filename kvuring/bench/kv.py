@@ -138,8 +138,13 @@ async def _timed(
 
 
 async def _session(
-    impl: str, root: str, keys: Sequence[bytes], region: Region, batch: int,
-    concurrency: int, queue_depth: int,
+    impl: str,
+    root: str,
+    keys: Sequence[bytes],
+    region: Region,
+    batch: int,
+    concurrency: int,
+    queue_depth: int,
 ) -> KvSession:
     store = BlockStore(
         root, region.block_size, backend=backend_of(impl), verify=True, queue_depth=queue_depth
@@ -172,8 +177,14 @@ def kv_session(
 
 
 async def _latency(
-    impl: str, root: str, prefix: Sequence[bytes], region: Region, bg_keys: Iterator[list[bytes]],
-    bg_batch: int, requests: int, queue_depth: int,
+    impl: str,
+    root: str,
+    prefix: Sequence[bytes],
+    region: Region,
+    bg_keys: Iterator[list[bytes]],
+    bg_batch: int,
+    requests: int,
+    queue_depth: int,
 ) -> KvLatency:
     prefix_bufs = region.views[: len(prefix)]
     bg_bufs = region.views[len(prefix) : len(prefix) + bg_batch]
@@ -209,13 +220,18 @@ async def _latency(
 
 
 def kv_latency(
-    impl: str, root: str, prefix: Sequence[bytes], region: Region, bg_keys: Iterator[list[bytes]],
+    impl: str,
+    root: str,
+    prefix: Sequence[bytes],
+    region: Region,
+    bg_keys: Iterator[list[bytes]],
     cfg: BenchConfig,
 ) -> KvLatency:
     """p50/p99 material: per-request get_prefix time while put_many streams in the background."""
     return run_on_loop(
         impl,
-        lambda: _latency(impl, root, prefix, region, bg_keys, cfg.bg_batch,
-                         cfg.latency_requests, cfg.queue_depth),
+        lambda: _latency(
+            impl, root, prefix, region, bg_keys, cfg.bg_batch, cfg.latency_requests, cfg.queue_depth
+        ),
         cfg.step_timeout,
     )

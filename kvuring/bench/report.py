@@ -160,7 +160,8 @@ def _targets_table(result: dict[str, Any]) -> list[str]:
         cells = [_verdict(row["results"][i], row["applies"]) for i in impls]
         lines.append(
             f"| {row['group']} | {row['check']} | {'yes' if row['applies'] else 'no'} | "
-            + " | ".join(cells) + " |"
+            + " | ".join(cells)
+            + " |"
         )
     return lines
 
@@ -207,9 +208,7 @@ def _series(
     result: dict[str, Any], op: str, impl: str, sizes: list[int], field: str
 ) -> list[float]:
     index = {(r["impl"], r["block_size"]): r for r in result["results"] if r["op"] == op}
-    return [
-        float(index[(impl, bs)][field]) if (impl, bs) in index else math.nan for bs in sizes
-    ]
+    return [float(index[(impl, bs)][field]) if (impl, bs) in index else math.nan for bs in sizes]
 
 
 def write_chart(result: dict[str, Any], path: str) -> None:
@@ -228,13 +227,26 @@ def write_chart(result: dict[str, Any], path: str) -> None:
         cpu_ax = ax.twinx()
         for n, impl in enumerate(impls):
             xs = [i - 0.4 + width * (n + 0.5) for i in range(len(sizes))]
-            ax.bar(xs, _series(result, op, impl, sizes, "gb_per_s"), width,
-                   color=colors[n], label=impl if op == OPS[0] else None)
+            ax.bar(
+                xs,
+                _series(result, op, impl, sizes, "gb_per_s"),
+                width,
+                color=colors[n],
+                label=impl if op == OPS[0] else None,
+            )
             # Black-edged so a circle stays visible on top of its own bar.
-            cpu = [v if v > 0 else math.nan
-                   for v in _series(result, op, impl, sizes, "cpu_s_per_gb")]
-            cpu_ax.plot(xs, cpu, "o", markerfacecolor=colors[n], markeredgecolor="black",
-                        markeredgewidth=1.5, markersize=9)
+            cpu = [
+                v if v > 0 else math.nan for v in _series(result, op, impl, sizes, "cpu_s_per_gb")
+            ]
+            cpu_ax.plot(
+                xs,
+                cpu,
+                "o",
+                markerfacecolor=colors[n],
+                markeredgecolor="black",
+                markeredgewidth=1.5,
+                markersize=9,
+            )
         ax.set_xticks(range(len(sizes)), [format_size(bs) for bs in sizes])
         ax.set_title(_OP_TITLES[op])
         ax.set_xlabel("block size")
@@ -244,8 +256,10 @@ def write_chart(result: dict[str, Any], path: str) -> None:
         cpu_ax.set_ylabel("CPU seconds per GB (circles, log scale)")
     fig.legend(loc="outside lower center", ncols=max(len(impls), 1))
     fs = result["machine"]["filesystem"]["type"]
-    fig.suptitle(f"kvuring benchmark ({fs}, {result['machine']['nproc']} CPUs, "
-                 f"medians of {result['config']['rounds']} rounds)")
+    fig.suptitle(
+        f"kvuring benchmark ({fs}, {result['machine']['nproc']} CPUs, "
+        f"medians of {result['config']['rounds']} rounds)"
+    )
     fig.savefig(path, dpi=110)
 
 

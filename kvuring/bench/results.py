@@ -89,8 +89,7 @@ def build_result(
     figures = _figures(cfg, data)
     latency = _latency(cfg, data)
     fig, lat = _lookup(figures, latency)
-    measured = sorted({r["impl"] for r in figures} | set(latency["impls"]),
-                      key=cfg.impls.index)
+    measured = sorted({r["impl"] for r in figures} | set(latency["impls"]), key=cfg.impls.index)
     return {
         "schema": SCHEMA,
         "machine": machine,

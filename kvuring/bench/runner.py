@@ -99,15 +99,22 @@ class Runner:
         cfg = self.cfg
         steps: list[Step] = []
         if FIO in self.impls:
-            steps += [Step(FIO, f"prepare fio {_label(bs)}", self._fio_prepare(bs))
-                      for bs in cfg.block_sizes]
+            steps += [
+                Step(FIO, f"prepare fio {_label(bs)}", self._fio_prepare(bs))
+                for bs in cfg.block_sizes
+            ]
         for rnd in range(cfg.rounds):
             for bs in cfg.block_sizes:
-                steps += [Step(impl, f"r{rnd + 1} {_label(bs)} {impl}",
-                               self._throughput(rnd, bs, impl)) for impl in self.impls]
+                steps += [
+                    Step(impl, f"r{rnd + 1} {_label(bs)} {impl}", self._throughput(rnd, bs, impl))
+                    for impl in self.impls
+                ]
             if cfg.latency:
-                steps += [Step(impl, f"r{rnd + 1} latency {impl}", self._latency(rnd, impl))
-                          for impl in self.impls if impl in LATENCY_IMPLS]
+                steps += [
+                    Step(impl, f"r{rnd + 1} latency {impl}", self._latency(rnd, impl))
+                    for impl in self.impls
+                    if impl in LATENCY_IMPLS
+                ]
         return steps
 
     def run(self) -> Collected:
@@ -192,8 +199,9 @@ class Runner:
         path = self._fio_files[bs]
         startup = self.data.fio_startup_cpu.get(bs, 0.0)
         for op, rw in (("store", "write"), ("load", "read")):
-            sample = fio_mod.run_fio(path, rw, size, bs, self.cfg.fio_iodepth, startup,
-                                     timeout=self.cfg.step_timeout)
+            sample = fio_mod.run_fio(
+                path, rw, size, bs, self.cfg.fio_iodepth, startup, timeout=self.cfg.step_timeout
+            )
             self.data.add(FIO, bs, op, sample)
 
     def _run_seed(self, rnd: int, bs: int) -> None:
@@ -210,8 +218,9 @@ class Runner:
     def _run_kv(self, rnd: int, bs: int, impl: str) -> None:
         cfg = self.cfg
         keys = make_keys(f"{rnd}/{impl}/{bs}", cfg.blocks_for(bs))
-        session = kv_session(impl, self._dir(rnd, f"{impl}-{_label(bs)}"), keys,
-                             self.region(bs), cfg)
+        session = kv_session(
+            impl, self._dir(rnd, f"{impl}-{_label(bs)}"), keys, self.region(bs), cfg
+        )
         self.data.add(impl, bs, "store", session.store)
         self.data.add(impl, bs, "load", session.load)
         for op, seconds in session.batch_seconds.items():
@@ -233,9 +242,7 @@ class Runner:
                 self.data.store_stats[f"{impl}/latency"] = result.stats
             self.data.latency.setdefault(impl, []).extend(seconds)
             self.data.latency_errors[impl] = self.data.latency_errors.get(impl, 0) + errors
-            self.data.latency_bg_blocks[impl] = (
-                self.data.latency_bg_blocks.get(impl, 0) + bg_blocks
-            )
+            self.data.latency_bg_blocks[impl] = self.data.latency_bg_blocks.get(impl, 0) + bg_blocks
 
         return run
 
@@ -273,8 +280,7 @@ class _Counting:
 def _progress_bar(total: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="step", disable=not enabled, file=sys.stderr,
-                dynamic_ncols=True)
+    return tqdm(total=total, unit="step", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
 
 
 def _missing_dependency(impl: str) -> str | None:
@@ -305,4 +311,3 @@ def check_space(cfg: BenchConfig, root: str, impls: tuple[str, ...]) -> int:
             f"--latency-requests"
         )
     return need
-

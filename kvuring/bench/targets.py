@@ -48,14 +48,38 @@ def _large_block_checks() -> list[Check]:
     for bs, name in ((256 * KIB, "256 KiB"), (2 * MIB, "2 MiB")):
         group = f"{name}, disk"
         checks += [
-            Check(group, "loads GB/s ≥ 0.9 x fio's", False, 0.9, False,
-                  _versus(FIO, bs, "load", "gb_per_s")),
-            Check(group, "stores GB/s ≥ 1.0 x the pool's", False, 1.0, False,
-                  _versus(SEED, bs, "store", "gb_per_s")),
-            Check(group, "store CPU s/GB ≤ 0.5 x the pool's", False, 0.5, True,
-                  _versus(SEED, bs, "store", "cpu_s_per_gb")),
-            Check(group, "load CPU s/GB ≤ 0.5 x the pool's", False, 0.5, True,
-                  _versus(SEED, bs, "load", "cpu_s_per_gb")),
+            Check(
+                group,
+                "loads GB/s ≥ 0.9 x fio's",
+                False,
+                0.9,
+                False,
+                _versus(FIO, bs, "load", "gb_per_s"),
+            ),
+            Check(
+                group,
+                "stores GB/s ≥ 1.0 x the pool's",
+                False,
+                1.0,
+                False,
+                _versus(SEED, bs, "store", "gb_per_s"),
+            ),
+            Check(
+                group,
+                "store CPU s/GB ≤ 0.5 x the pool's",
+                False,
+                0.5,
+                True,
+                _versus(SEED, bs, "store", "cpu_s_per_gb"),
+            ),
+            Check(
+                group,
+                "load CPU s/GB ≤ 0.5 x the pool's",
+                False,
+                0.5,
+                True,
+                _versus(SEED, bs, "load", "cpu_s_per_gb"),
+            ),
         ]
     return checks
 
@@ -63,21 +87,63 @@ def _large_block_checks() -> list[Check]:
 def all_checks() -> list[Check]:
     small = 64 * KIB
     return [
-        Check("64 KiB, disk", "store CPU s/GB ≤ 0.4 x the pool's", False, 0.4, True,
-              _versus(SEED, small, "store", "cpu_s_per_gb")),
-        Check("64 KiB, disk", "load CPU s/GB ≤ 0.4 x the pool's", False, 0.4, True,
-              _versus(SEED, small, "load", "cpu_s_per_gb")),
-        Check("64 KiB, disk", "stores/s ≥ 1.5 x the pool's", False, 1.5, False,
-              _versus(SEED, small, "store", "blocks_per_s")),
-        Check("64 KiB, disk", "loads/s ≥ 0.9 x fio's", False, 0.9, False,
-              _versus(FIO, small, "load", "blocks_per_s")),
-        Check("64 KiB, tmpfs", "stores/s ≥ 2.5 x the pool's", True, 2.5, False,
-              _versus(SEED, small, "store", "blocks_per_s")),
-        Check("64 KiB, tmpfs", "loads/s ≥ 2.5 x the pool's", True, 2.5, False,
-              _versus(SEED, small, "load", "blocks_per_s")),
+        Check(
+            "64 KiB, disk",
+            "store CPU s/GB ≤ 0.4 x the pool's",
+            False,
+            0.4,
+            True,
+            _versus(SEED, small, "store", "cpu_s_per_gb"),
+        ),
+        Check(
+            "64 KiB, disk",
+            "load CPU s/GB ≤ 0.4 x the pool's",
+            False,
+            0.4,
+            True,
+            _versus(SEED, small, "load", "cpu_s_per_gb"),
+        ),
+        Check(
+            "64 KiB, disk",
+            "stores/s ≥ 1.5 x the pool's",
+            False,
+            1.5,
+            False,
+            _versus(SEED, small, "store", "blocks_per_s"),
+        ),
+        Check(
+            "64 KiB, disk",
+            "loads/s ≥ 0.9 x fio's",
+            False,
+            0.9,
+            False,
+            _versus(FIO, small, "load", "blocks_per_s"),
+        ),
+        Check(
+            "64 KiB, tmpfs",
+            "stores/s ≥ 2.5 x the pool's",
+            True,
+            2.5,
+            False,
+            _versus(SEED, small, "store", "blocks_per_s"),
+        ),
+        Check(
+            "64 KiB, tmpfs",
+            "loads/s ≥ 2.5 x the pool's",
+            True,
+            2.5,
+            False,
+            _versus(SEED, small, "load", "blocks_per_s"),
+        ),
         *_large_block_checks(),
-        Check("prefix load under background stores", "p99 ≤ the pool's p50", None, 1.0, True,
-              _p99_vs_pool_p50),
+        Check(
+            "prefix load under background stores",
+            "p99 ≤ the pool's p50",
+            None,
+            1.0,
+            True,
+            _p99_vs_pool_p50,
+        ),
     ]
 
 
@@ -90,15 +156,20 @@ def evaluate(fig: Figure, lat: Latency, fstype: str, impls: list[str]) -> list[d
         results: dict[str, dict[str, Any]] = {}
         for impl in (i for i in impls if i in KV_IMPLS):
             ratio = check.ratio(fig, lat, impl)
-            met = None if ratio is None else (ratio <= check.bound if check.at_most
-                                              else ratio >= check.bound)
+            met = (
+                None
+                if ratio is None
+                else (ratio <= check.bound if check.at_most else ratio >= check.bound)
+            )
             results[impl] = {"ratio": ratio, "met": met}
-        rows.append({
-            "group": check.group,
-            "check": check.text,
-            "applies": applies,
-            "bound": check.bound,
-            "kind": "at most" if check.at_most else "at least",
-            "results": results,
-        })
+        rows.append(
+            {
+                "group": check.group,
+                "check": check.text,
+                "applies": applies,
+                "bound": check.bound,
+                "kind": "at most" if check.at_most else "at least",
+                "results": results,
+            }
+        )
     return rows
