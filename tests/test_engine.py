@@ -36,7 +36,6 @@ from kvuring.engine import (
 )
 
 
-
 @functools.cache
 def uring_unavailable() -> str | None:
     """Why io_uring cannot be used here, or None (the conftest fixture skips the same way)."""
