@@ -8,6 +8,10 @@ file for its whole life and appends every leaf directory to it *before* the
 first temp file goes there.  The next open takes each lock it can (its owner
 is gone), removes the temp files named in it and then the lock file; a live
 writer's lock cannot be taken, so its files are left alone.
+
+Everything here works relative to directory descriptors opened with
+O_NOFOLLOW, so a symlink planted at ``.tmp`` or in a leaf never sends a
+create, scan or unlink outside the namespace.
 """
 
 from __future__ import annotations
@@ -27,31 +31,39 @@ REGISTRY_DIR = ".tmp"
 # writer may be between creating and locking it.
 STAGING_GRACE_S = 60.0
 _LEAF_RE = re.compile(rb"[0-9a-f]{3}/[0-9a-f]{2}")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def tmp_suffix(token: str) -> bytes:
     return f".{token}.".encode()
 
 
-class WriterRegistration:
-    """This process's entry in a namespace's writer registry."""
+def open_registry(ns_fd: int) -> int:
+    """The registry directory's fd, made if missing; OSError (ELOOP, ENOTDIR) if it is not a real one."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(REGISTRY_DIR, 0o700, dir_fd=ns_fd)
+    return os.open(REGISTRY_DIR, _DIR_FLAGS, dir_fd=ns_fd)
 
-    def __init__(self, ns_path: str) -> None:
-        self.ns_path = ns_path
-        self.dir = os.path.join(ns_path, REGISTRY_DIR)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(self.dir, 0o700)
+
+class WriterRegistration:
+    """This process's entry in a namespace's writer registry (``dir_fd``: the registry)."""
+
+    def __init__(self, dir_fd: int) -> None:
+        self.dir_fd = dir_fd
         self.token = f"{os.getpid()}-{secrets.token_hex(6)}"
         self.pid = os.getpid()
         # Made under another name and renamed once locked, so a cleaner never
         # sees an unlocked lock file of a live writer.
-        staging = os.path.join(self.dir, f"{self.token}.locking")
+        staging = f"{self.token}.locking"
+        self.lock_name = f"{self.token}.lock"
         self.fd = os.open(
-            staging, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC, 0o600
+            staging,
+            os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW,
+            0o600,
+            dir_fd=dir_fd,
         )
         fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self.lock_path = os.path.join(self.dir, f"{self.token}.lock")
-        os.rename(staging, self.lock_path)
+        os.rename(staging, self.lock_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         self.leaves: set[bytes] = set()
 
     def note_leaf(self, leaf: bytes) -> None:
@@ -66,30 +78,24 @@ class WriterRegistration:
             return
         if os.getpid() == self.pid:
             with contextlib.suppress(OSError):
-                os.unlink(self.lock_path)
+                os.unlink(self.lock_name, dir_fd=self.dir_fd)
         os.close(self.fd)
         self.fd = -1
 
 
-def remove_dead_writers(ns_path: str) -> int:
+def remove_dead_writers(ns_fd: int, reg_fd: int) -> int:
     """Remove the temp files of every registered writer that is gone; returns how many writers."""
-    reg_dir = os.path.join(ns_path, REGISTRY_DIR)
-    try:
-        entries = list(os.scandir(reg_dir))
-    except FileNotFoundError:
-        return 0
     removed = 0
-    for entry in entries:
-        name = entry.name
+    with os.scandir(reg_fd) as entries:
+        names = [e.name for e in entries if e.is_file(follow_symlinks=False)]
+    for name in names:
         if not (name.endswith(".lock") or name.endswith(".locking")):
             continue
-        if not entry.is_file(follow_symlinks=False):
-            continue
         token = name.rsplit(".", 1)[0]
-        if name.endswith(".locking") and _age(entry) < STAGING_GRACE_S:
+        if name.endswith(".locking") and _age(reg_fd, name) < STAGING_GRACE_S:
             continue  # a writer between creating and locking it
         try:
-            fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=reg_fd)
         except OSError:
             continue
         try:
@@ -98,8 +104,8 @@ def remove_dead_writers(ns_path: str) -> int:
             except BlockingIOError:
                 continue  # its writer is alive
             leaves = _read_all(fd).split(b"\n")
-            files = sum(_remove_temp_files(ns_path, leaf, token) for leaf in leaves if leaf)
-            os.unlink(entry.path)
+            files = sum(_remove_temp_files(ns_fd, leaf, token) for leaf in leaves if leaf)
+            os.unlink(name, dir_fd=reg_fd)
             removed += 1
             log.info("kvuring: removed %d temp file(s) of dead writer %s", files, token)
         finally:
@@ -107,9 +113,9 @@ def remove_dead_writers(ns_path: str) -> int:
     return removed
 
 
-def _age(entry: os.DirEntry[str]) -> float:
+def _age(dir_fd: int, name: str) -> float:
     try:
-        return time.time() - entry.stat(follow_symlinks=False).st_mtime
+        return time.time() - os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mtime
     except OSError:
         return 0.0
 
@@ -121,32 +127,24 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _remove_temp_files(ns_path: str, leaf: bytes, token: str) -> int:
+def _remove_temp_files(ns_fd: int, leaf: bytes, token: str) -> int:
     if not _LEAF_RE.fullmatch(leaf):
         return 0
     # Walk down without following symlinks: a planted link must not make
     # the cleaner delete anything outside the namespace.
+    fds: list[int] = []
     try:
-        ns_fd = os.open(ns_path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return 0
-    fds = [ns_fd]
-    try:
+        parent = ns_fd
         for part in leaf.split(b"/"):
-            fds.append(
-                os.open(
-                    part,
-                    os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    dir_fd=fds[-1],
-                )
-            )
+            parent = os.open(part, _DIR_FLAGS, dir_fd=parent)
+            fds.append(parent)
         marker = tmp_suffix(token)
         count = 0
-        for name in os.listdir(fds[-1]):
+        for name in os.listdir(parent):
             raw = os.fsencode(name)
             if marker in raw and raw.endswith(b".tmp"):
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(name, dir_fd=fds[-1])
+                    os.unlink(name, dir_fd=parent)
                     count += 1
         return count
     except OSError:

@@ -51,7 +51,12 @@ from kvuring._format import (
 )
 from kvuring._fs import MEMORY_FILESYSTEMS, filesystem_of
 from kvuring._types import Buffer
-from kvuring._writers import WriterRegistration, remove_dead_writers, tmp_suffix
+from kvuring._writers import (
+    WriterRegistration,
+    open_registry,
+    remove_dead_writers,
+    tmp_suffix,
+)
 from kvuring.aio import AsyncRing
 from kvuring.engine import resolve_backend
 
@@ -243,12 +248,17 @@ class _PutUnit(_BlockUnit):
         rename_flags = b.RENAME_NOREPLACE if st.noreplace else 0
         flags: list[int] = []
         words = self._words
-        if self.leaf not in st._leaves_ready and self.leaf[:3] not in st._unsafe_fanout:
-            # A leaf directory this process has not used yet: make it first
-            # (EEXIST is fine, the hard link runs on).  Its parent was made
-            # at open; the create below refuses symlinks on the whole path.
-            flags.append(_H | _S)
-            words.extend((b.OP_MKDIRAT, _H | _S, ns, self.leaf_addr, 0, 0, ud, 0, 0o755, 0))
+        if self.leaf not in st._leaves_ready:
+            # A leaf this process has not used yet: check its upper directory
+            # is a real one beneath the namespace (no symlinks), then make the
+            # leaf (EEXIST is fine, the hard link runs on).  The create below
+            # refuses symlinks on the whole path again.
+            self.dir_paths = (b.c_path(self.leaf[:3]),)
+            flags += (_L | _S, _H | _S)
+            words.extend((
+                b.OP_OPENAT2, _L | _S, ns, b.address_of(self.dir_paths[0]), 0, 0, ud, 0, st._how_dir_addr, slot + 1,
+                b.OP_MKDIRAT, _H | _S, ns, self.leaf_addr, 0, 0, ud | 1, 0, 0o755, 0,
+            ))  # fmt: skip
         n = len(flags)
         if st.verify:
             pack_trailer(st._trailer(slot), self.kb, bs, self.psum)
@@ -316,7 +326,17 @@ class _PutUnit(_BlockUnit):
                 self.begin(slot)
             return
         st = self.store
-        res = self.res[-4:]  # a leading mkdir's EEXIST (or error) needs no action
+        if len(self.res) > 4:
+            # The upper-directory check failed: missing (make it, checked) or
+            # not a real directory (never write through it).
+            check = self.res[0]
+            if check is not None and check < 0:
+                if check == -errno.ENOENT and not self.made_dirs:
+                    self._make_dirs(slot)
+                else:
+                    self._finish(Status.FAILED, self.fail(check, self.leaf[:3]))
+                return
+        res = self.res[-4:]  # a leaf mkdir's EEXIST (or error) needs no action
         open_res = res[0]
         if open_res is not None and open_res < 0:
             if open_res == -errno.ENOENT and not self.made_dirs:
@@ -606,7 +626,11 @@ class BlockStore:
             raise ValueError(f"block_size must be between 1 and {MAX_BLOCK_SIZE}, got {block_size}")
         if not (isinstance(direct, bool) or direct == "auto"):
             raise ValueError(f"direct must be 'auto', True or False; got {direct!r}")
-        if not isinstance(queue_depth, int) or not 1 <= queue_depth <= MAX_QUEUE_DEPTH:
+        if (
+            not isinstance(queue_depth, int)
+            or isinstance(queue_depth, bool)
+            or not 1 <= queue_depth <= MAX_QUEUE_DEPTH
+        ):
             raise ValueError(
                 f"queue_depth must be between 1 and {MAX_QUEUE_DEPTH}, got {queue_depth!r}"
             )
@@ -629,12 +653,12 @@ class BlockStore:
         self.spread_reads = False
         self._read_flags = 0
         self.ns_fd = -1
+        self._reg_fd = -1
         self._writer: WriterRegistration | None = None
         self._tmp_marker = b""
         self._ring: AsyncRing | None = None
         self._tmp_seq = 0
         self._leaves_ready: set[bytes] = set()
-        self._unsafe_fanout: set[bytes] = set()
         self._bounce_pool: list[mmap.mmap] = []
         self._bounce_logged = False
         self._failure_logged: set[int] = set()
@@ -661,8 +685,9 @@ class BlockStore:
         # write somewhere else.
         self.ns_fd = os.open(ns, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            self._stats["dead_writers_cleaned"] += remove_dead_writers(ns)
-            self._writer = WriterRegistration(ns)
+            self._reg_fd = open_registry(self.ns_fd)
+            self._stats["dead_writers_cleaned"] += remove_dead_writers(self.ns_fd, self._reg_fd)
+            self._writer = WriterRegistration(self._reg_fd)
             self._tmp_marker = tmp_suffix(self._writer.token) + b"%d.tmp"
             self._probe_direct()
             self._choose_read_mode(ns)
@@ -670,8 +695,11 @@ class BlockStore:
             self._ring = await AsyncRing(
                 backend=self.backend_requested, queue_depth=self.queue_depth
             ).open()
-            await self._prepare_fanout(ns)
+            await self._prepare_fanout()
         except BaseException:
+            if self._ring is not None:
+                self._ring.close_now()
+                self._ring = None
             self._close_fds()
             raise
         return self
@@ -695,35 +723,35 @@ class BlockStore:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        if self.ns_fd >= 0:
-            os.close(self.ns_fd)
-            self.ns_fd = -1
+        for name in ("_reg_fd", "ns_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
 
-    async def _prepare_fanout(self, ns: str) -> None:
-        """Make the 4096 upper fan-out directories once per namespace; note any that are not real ones.
+    async def _prepare_fanout(self) -> None:
+        """Make the 4096 upper fan-out directories once per namespace.
 
-        With them in place a store into a new leaf costs one mkdir in its
-        chain.  They are made through the ring, so a slow filesystem does not
-        stall the loop.  An upper name that is a symlink (or a file) never
-        gets a mkdir through it: those leaves take the checked path, which fails.
+        With them in place a store into a new leaf costs two operations in
+        its chain (check the upper directory, make the leaf).  They are made
+        through the ring, so a slow filesystem does not stall the loop.
         """
-        assert self._writer is not None and self._ring is not None
-        marker = os.path.join(self._writer.dir, "fanout-ready")
-        if not os.path.exists(marker):
-            ring = self._ring
+        assert self._ring is not None
+        marker = "fanout-ready"
+        try:
+            os.stat(marker, dir_fd=self._reg_fd, follow_symlinks=False)
+            return
+        except FileNotFoundError:
+            pass
+        ring = self._ring
 
-            async def mkdir(name: str) -> None:
-                with contextlib.suppress(FileExistsError):
-                    await ring.mkdirat(name, 0o755, dir_fd=self.ns_fd)
+        async def mkdir(name: str) -> None:
+            with contextlib.suppress(FileExistsError):
+                await ring.mkdirat(name, 0o755, dir_fd=self.ns_fd)
 
-            await asyncio.gather(*(mkdir(f"{i:03x}") for i in range(4096)))
-            with open(marker, "wb"):
-                pass
-        self._unsafe_fanout = {
-            os.fsencode(e.name)
-            for e in os.scandir(ns)
-            if len(e.name) == 3 and not e.is_dir(follow_symlinks=False)
-        }
+        await asyncio.gather(*(mkdir(f"{i:03x}") for i in range(4096)))
+        os.close(os.open(marker, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=self._reg_fd))  # fmt: skip
 
     def _probe_direct(self) -> None:
         if self.direct_requested is False:
@@ -731,12 +759,15 @@ class BlockStore:
         ns = os.path.join(self.root, self.namespace)
         mem_align, offset_align = _dio_alignment(ns)
         assert self._writer is not None
-        probe = os.path.join(self._writer.dir, f"{self._writer.token}.probe")
+        probe = f"{self._writer.token}.probe"
         page = aligned_buffer(max(PAGE, offset_align))
         why = ""
         try:
             fd = os.open(
-                probe, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC, 0o600
+                probe,
+                os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                0o600,
+                dir_fd=self._reg_fd,
             )
             try:
                 os.pwrite(fd, page, 0)
@@ -748,7 +779,7 @@ class BlockStore:
         finally:
             # Some filesystems create the file and only then refuse O_DIRECT.
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(probe)
+                os.unlink(probe, dir_fd=self._reg_fd)
         if not why and (
             self.block_size % offset_align or (self.verify and TRAILER_SIZE % offset_align)
         ):
