@@ -53,7 +53,7 @@ case "$cmd" in
     test)
         setup
         "$VENV/bin/ruff" check .
-        "$VENV/bin/ruff" format --check .
+        "$VENV/bin/ruff" format --check kvuring tests examples benchmarks build_uring.py setup.py
         "$VENV/bin/mypy"
         exec "$VENV/bin/python" -m pytest "$@"
         ;;

@@ -13,8 +13,16 @@ from pathlib import Path
 import kvuring
 from kvuring.cli import main
 
-FIGURE_KEYS = {"impl", "block_size", "op", "gb_per_s", "blocks_per_s", "cpu_s_per_gb",
-               "errors", "rounds"}
+FIGURE_KEYS = {
+    "impl",
+    "block_size",
+    "op",
+    "gb_per_s",
+    "blocks_per_s",
+    "cpu_s_per_gb",
+    "errors",
+    "rounds",
+}
 LATENCY_KEYS = {"count", "p50_ms", "p99_ms", "max_ms", "errors"}
 
 
@@ -37,10 +45,17 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert status == 0
 
     result = json.loads((out / "results.json").read_text())
-    assert {"schema", "machine", "config", "impls", "unavailable", "results", "latency",
-            "targets"} <= result.keys()
-    assert {"nproc", "kernel", "filesystem", "python", "kvuring_engine"} <= result[
-        "machine"].keys()
+    assert {
+        "schema",
+        "machine",
+        "config",
+        "impls",
+        "unavailable",
+        "results",
+        "latency",
+        "targets",
+    } <= result.keys()
+    assert {"nproc", "kernel", "filesystem", "python", "kvuring_engine"} <= result["machine"].keys()
     expected = _expected_impls()
     assert expected <= set(result["impls"]), result["unavailable"]
 
