@@ -21,7 +21,7 @@ from cffi import FFI
 # are "..." so their values come from the headers actually installed.
 
 CDEF_LIBURING = """
-struct io_uring_sqe { uint8_t opcode; uint8_t flags; uint64_t user_data; ...; };
+struct io_uring_sqe { uint8_t opcode; uint8_t flags; uint16_t ioprio; uint64_t user_data; ...; };
 struct io_uring_cqe { uint64_t user_data; int32_t res; uint32_t flags; ...; };
 struct io_uring_sq { unsigned ring_entries; ...; };
 struct io_uring_cq { unsigned ring_entries; ...; };
@@ -269,6 +269,13 @@ static int kvu_prep_one(struct io_uring_sqe *sqe, const uint64_t *w)
     }
     sqe->flags = (uint8_t)w[1];
     sqe->user_data = w[6];
+    switch ((int)w[0]) {
+    case IORING_OP_READ: case IORING_OP_WRITE: case IORING_OP_READ_FIXED:
+    case IORING_OP_WRITE_FIXED: case IORING_OP_READV: case IORING_OP_WRITEV:
+        /* arg3 of a transfer: its I/O priority (ioprio(7) value; 0 = the task's) */
+        sqe->ioprio = (uint16_t)w[9];
+        break;
+    }
     return 0;
 }
 

@@ -100,6 +100,32 @@ def _dio_alignment(path: str) -> tuple[int, int]:
     return PAGE, PAGE
 
 
+IOPRIO_CLASS_SHIFT = 13
+IOPRIO_CLASS_RT = 1
+_CAP_SYS_ADMIN = 21
+_CAP_SYS_NICE = 23
+
+
+def _load_priority() -> int:
+    """The ioprio for loads' reads: the realtime class where this process may use it, else 0.
+
+    A request waiting on its prefix should not queue behind background
+    stores; mq-deadline and bfq serve realtime-class requests first (with
+    aging, so stores are not starved).  The kernel refuses the class with
+    EPERM without CAP_SYS_NICE or CAP_SYS_ADMIN, so without them loads keep
+    the default priority.
+    """
+    try:
+        with open("/proc/self/status", "rb") as status:
+            caps = next(line for line in status if line.startswith(b"CapEff:"))
+    except (OSError, StopIteration):
+        return 0
+    eff = int(caps.split()[1], 16)
+    if not eff & (1 << _CAP_SYS_NICE | 1 << _CAP_SYS_ADMIN):
+        return 0
+    return IOPRIO_CLASS_RT << IOPRIO_CLASS_SHIFT | 4
+
+
 def aligned_buffer(nbytes: int) -> mmap.mmap:
     """A writable, page-aligned, zero-filled buffer of ``nbytes`` (anonymous mmap).
 
@@ -453,13 +479,13 @@ class _GetUnit(_BlockUnit):
             iov_addr = st._set_iov(slot, self.read_addr)
             self._words.extend((
                 b.OP_OPENAT2, _L | _S | _A, st.ns_fd, self.path_addr, 0, 0, ud, 0, st._how_read_addr, slot + 1,
-                b.OP_READV, _H | _S | _F | st._read_flags, slot, iov_addr, 2, 0, ud | 1, 0, 0, 0,
+                b.OP_READV, _H | _S | _F | st._read_flags, slot, iov_addr, 2, 0, ud | 1, 0, 0, st._load_ioprio,
                 b.OP_CLOSE, 0, 0, 0, 0, 0, ud | 2, 0, 0, slot + 1,
             ))  # fmt: skip
         else:
             self._words.extend((
                 b.OP_OPENAT2, _L | _S | _A, st.ns_fd, self.path_addr, 0, 0, ud, 0, st._how_read_addr, slot + 1,
-                b.OP_READ, _H | _S | _F | st._read_flags, slot, self.read_addr, bs, 0, ud | 1, 0, 0, 0,
+                b.OP_READ, _H | _S | _F | st._read_flags, slot, self.read_addr, bs, 0, ud | 1, 0, 0, st._load_ioprio,
                 b.OP_CLOSE, 0, 0, 0, 0, 0, ud | 2, 0, 0, slot + 1,
             ))  # fmt: skip
         self._flags = [_L | _S | _A, _H | _S | _F | st._read_flags, 0]
@@ -481,6 +507,12 @@ class _GetUnit(_BlockUnit):
                 self._finish(Status.FAILED, self.fail(open_res))
             return
         rres, want = res[1], st.file_size
+        if rres == -errno.EPERM and st._load_ioprio:
+            # The kernel refused the realtime I/O class after all: drop it.
+            log.warning("kvuring: realtime I/O priority refused; loads use the default")
+            st._load_ioprio = 0
+            self.begin(slot)
+            return
         if rres is not None and rres < 0:
             if self.retry(rres):
                 self.begin(slot)
@@ -619,6 +651,7 @@ class BlockStore:
         direct: bool | str = "auto",
         verify: bool = True,
         queue_depth: int = 256,
+        prioritize_loads: bool = True,
     ) -> None:
         if not isinstance(block_size, int) or isinstance(block_size, bool):
             raise TypeError(f"block_size must be int, not {type(block_size).__name__}")
@@ -641,6 +674,7 @@ class BlockStore:
         self.backend_requested = resolve_backend(None if backend == "auto" else backend)
         self.direct_requested = direct
         self.verify = bool(verify)
+        self.prioritize_loads = bool(prioritize_loads)
         self.queue_depth = queue_depth
         self.suffix = VERIFIED_SUFFIX if self.verify else RAW_SUFFIX
         self.file_size = block_size + (TRAILER_SIZE if self.verify else 0)
@@ -652,6 +686,7 @@ class BlockStore:
         self.filesystem = "unknown"
         self.spread_reads = False
         self._read_flags = 0
+        self._load_ioprio = 0
         self.ns_fd = -1
         self._reg_fd = -1
         self._writer: WriterRegistration | None = None
@@ -691,6 +726,7 @@ class BlockStore:
             self._tmp_marker = tmp_suffix(self._writer.token) + b"%d.tmp"
             self._probe_direct()
             self._choose_read_mode(ns)
+            self._load_ioprio = _load_priority() if self.prioritize_loads else 0
             self._setup_memory()
             self._ring = await AsyncRing(
                 backend=self.backend_requested, queue_depth=self.queue_depth
@@ -1076,6 +1112,7 @@ class BlockStore:
             namespace=self.namespace,
             rename_noreplace=self.noreplace,
             filesystem=self.filesystem,
+            load_io_priority="realtime" if self._load_ioprio else "default",
             spread_reads=self.spread_reads,
         )
         if self._ring is not None and self._ring._driver is not None:
