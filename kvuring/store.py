@@ -215,15 +215,49 @@ class _BlockUnit(Unit):
         self.batch.done(self.index, Status.FAILED, err)
 
 
+# Status -> (counter, byte counter or None) in stats().
+_COUNTERS: dict[Status, tuple[str, str | None]] = {
+    Status.STORED: ("stored", "bytes_written"),
+    Status.EXISTS: ("exists", None),
+    Status.HIT: ("hits", "bytes_read"),
+    Status.MISS: ("misses", None),
+}
+
+
+class _TransferUnit(_BlockUnit):
+    """A unit that moves a caller's buffer (or its aligned bounce copy)."""
+
+    __slots__ = ("bounce", "pinned", "view")
+    bounce: mmap.mmap | None
+    pinned: Any
+    view: memoryview | None
+
+    def _finish(self, status: Status, err: OSError | None = None) -> None:
+        st = self.store
+        if self.bounce is not None:
+            st._bounce_put(self.bounce)
+            self.bounce = None
+        # The kernel is done with the memory: give the export back now (an
+        # mmap can then be closed right after the await; see aio._release).
+        b.ffi.release(self.pinned)
+        self.pinned = self.view = None
+        counter = _COUNTERS.get(status)
+        if counter is not None:
+            st._stats[counter[0]] += 1
+            if counter[1] is not None:
+                st._stats[counter[1]] += st.block_size
+        self.batch.done(self.index, status, err)
+
+
 def _short(res: int | None, want: int) -> bool:
     """A transfer that completed without error but moved fewer bytes than asked."""
     return res is not None and 0 <= res != want
 
 
-class _PutUnit(_BlockUnit):
+class _PutUnit(_TransferUnit):
     __slots__ = (
-        "bounce", "dir_paths", "error", "exists", "leaf", "leaf_addr", "made_dirs", "path_addr",
-        "payload_addr", "pinned", "psum", "retry_after_cleanup", "stage", "tmp_addr", "view",
+        "dir_paths", "error", "exists", "leaf", "leaf_addr", "made_dirs", "path_addr",
+        "payload_addr", "psum", "retry_after_cleanup", "stage", "tmp_addr",
     )  # fmt: skip
 
     def __init__(
@@ -427,25 +461,9 @@ class _PutUnit(_BlockUnit):
         self.op(b.OP_UNLINKAT, 0, self.store.ns_fd, self.tmp_addr, 0, 0, 0)
         self.res = [None] * self.steps()
 
-    def _finish(self, status: Status, err: OSError | None = None) -> None:
-        st = self.store
-        if self.bounce is not None:
-            st._bounce_put(self.bounce)
-            self.bounce = None
-        # The kernel is done with the memory: give the export back now (an
-        # mmap can then be closed right after the await; see aio._release).
-        b.ffi.release(self.pinned)
-        self.pinned = self.view = None
-        if status is Status.STORED:
-            st._stats["stored"] += 1
-            st._stats["bytes_written"] += st.block_size
-        elif status is Status.EXISTS:
-            st._stats["exists"] += 1
-        self.batch.done(self.index, status, err)
 
-
-class _GetUnit(_BlockUnit):
-    __slots__ = ("bounce", "path_addr", "pinned", "read_addr", "stage", "view")
+class _GetUnit(_TransferUnit):
+    __slots__ = ("path_addr", "read_addr", "stage")
 
     def __init__(
         self,
@@ -538,22 +556,6 @@ class _GetUnit(_BlockUnit):
         self.stage = "unlink"
         self.op(b.OP_UNLINKAT, 0, st.ns_fd, self.path_addr, 0, 0, 0)
         self.res = [None]
-
-    def _finish(self, status: Status, err: OSError | None = None) -> None:
-        st = self.store
-        if self.bounce is not None:
-            st._bounce_put(self.bounce)
-            self.bounce = None
-        # The kernel is done with the memory: give the export back now (an
-        # mmap can then be closed right after the await; see aio._release).
-        b.ffi.release(self.pinned)
-        self.pinned = self.view = None
-        if status is Status.HIT:
-            st._stats["hits"] += 1
-            st._stats["bytes_read"] += st.block_size
-        elif status is Status.MISS:
-            st._stats["misses"] += 1
-        self.batch.done(self.index, status, err)
 
 
 class _StatUnit(_BlockUnit):

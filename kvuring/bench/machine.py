@@ -9,35 +9,8 @@ import platform
 from typing import Any
 
 import kvuring
+from kvuring._fs import filesystem_of
 from kvuring.bench.fio import fio_version
-
-
-def _unescape_mount(path: str) -> str:
-    # /proc/mounts writes space, tab, newline and backslash as octal escapes.
-    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        path = path.replace(code, char)
-    return path
-
-
-def filesystem_of(path: str) -> dict[str, str]:
-    """The /proc/mounts entry whose mount point is the longest prefix of ``path``."""
-    real = os.path.realpath(path)
-    best = {"type": "unknown", "mount_point": "", "device": ""}
-    try:
-        with open("/proc/mounts", encoding="utf-8") as mounts:
-            lines = mounts.read().splitlines()
-    except OSError:
-        return best
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        device, mount_point, fstype = fields[0], _unescape_mount(fields[1]), fields[2]
-        inside = real == mount_point or real.startswith(mount_point.rstrip("/") + "/")
-        # Later entries with the same mount point shadow earlier ones.
-        if inside and len(mount_point) >= len(best["mount_point"]):
-            best = {"type": fstype, "mount_point": mount_point, "device": device}
-    return best
 
 
 def _cpu_model() -> str:
