@@ -15,13 +15,7 @@ from array import array
 
 from kvuring._binding import OP_WORDS, SQE_IO_HARDLINK, SQE_IO_LINK
 
-MASK64 = (1 << 64) - 1
 LINKED = SQE_IO_LINK | SQE_IO_HARDLINK
-
-
-def word(value: int) -> int:
-    """A signed value (a dirfd such as AT_FDCWD) as an unsigned word."""
-    return value & MASK64
 
 
 def new_words() -> array[int]:

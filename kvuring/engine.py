@@ -34,10 +34,9 @@ log = logging.getLogger("kvuring")
 Backend = Literal["auto", "uring", "threads"]
 BACKENDS: tuple[str, ...] = ("auto", "uring", "threads")
 
-#: user_data with this bit set belongs to the engine itself (drain markers,
-#: cancel requests); the driver ignores those completions.
+#: user_data with this bit set belongs to kvuring itself (cancel requests);
+#: the driver ignores those completions.
 INTERNAL_TAG = 1 << 63
-DRAIN_MARK = INTERNAL_TAG | 1
 
 # Opcodes kvuring's chains need; missing any of them means the thread engine.
 REQUIRED_OPCODES: dict[str, int] = {
