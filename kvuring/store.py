@@ -232,6 +232,25 @@ class _TransferUnit(_BlockUnit):
     pinned: Any
     view: memoryview | None
 
+    def _pin(self, view: memoryview, *, writable: bool) -> int:
+        """Hold ``view`` until completion; the address the kernel should use.
+
+        That is the buffer's own, or an aligned bounce buffer's when O_DIRECT
+        needs an alignment the buffer lacks (a store copies into it now, a
+        load copies out of it on a HIT).
+        """
+        store = self.store
+        self.view = view
+        self.pinned = b.pin_buffer(view, writable=writable)
+        addr = b.address_of(self.pinned)
+        self.bounce = None
+        if store.direct_io and addr % store.mem_align:
+            self.bounce = store._bounce_get()
+            if not writable:
+                self.bounce[:] = view
+            addr = store._bounce_addr(self.bounce)
+        return addr
+
     def _finish(self, status: Status, err: OSError | None = None) -> None:
         st = self.store
         if self.bounce is not None:
@@ -278,14 +297,7 @@ class _PutUnit(_TransferUnit):
         self.leaf_addr = leaf_addr
         self.path_addr = path_addr
         self.tmp_addr = tmp_addr
-        self.view: memoryview | None = view
-        self.pinned: Any = b.pin_buffer(view, writable=False)
-        self.payload_addr = b.address_of(self.pinned)
-        self.bounce: mmap.mmap | None = None
-        if store.direct_io and self.payload_addr % store.mem_align:
-            self.bounce = store._bounce_get()
-            self.bounce[:] = view
-            self.payload_addr = store._bounce_addr(self.bounce)
+        self.payload_addr = self._pin(view, writable=False)
         self.psum = checksum(view) if store.verify else 0
         self.dir_paths: tuple[Any, ...] = ()
         self.made_dirs = False
@@ -477,13 +489,7 @@ class _GetUnit(_TransferUnit):
     ) -> None:
         super().__init__(store, batch, index, kb, path)
         self.path_addr = path_addr
-        self.view: memoryview | None = view
-        self.pinned: Any = b.pin_buffer(view, writable=True)
-        self.read_addr = b.address_of(self.pinned)
-        self.bounce: mmap.mmap | None = None
-        if store.direct_io and self.read_addr % store.mem_align:
-            self.bounce = store._bounce_get()
-            self.read_addr = store._bounce_addr(self.bounce)
+        self.read_addr = self._pin(view, writable=True)
         self.stage = "load"
 
     def begin(self, slot: int) -> None:
