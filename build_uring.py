@@ -59,7 +59,9 @@ int io_uring_unregister_eventfd(struct io_uring *ring);
 int io_uring_register_files_sparse(struct io_uring *ring, unsigned nr);
 int io_uring_unregister_files(struct io_uring *ring);
 int io_uring_register_iowq_max_workers(struct io_uring *ring, unsigned int *values);
-int io_uring_register_buffers(struct io_uring *ring, const struct iovec *iovecs, unsigned nr_iovecs);
+int io_uring_register_buffers_sparse(struct io_uring *ring, unsigned nr);
+int io_uring_register_buffers_update_tag(struct io_uring *ring, unsigned off, const struct iovec *iovecs,
+                                         const uint64_t *tags, unsigned nr);
 int io_uring_unregister_buffers(struct io_uring *ring);
 
 void io_uring_prep_nop(struct io_uring_sqe *sqe);

@@ -91,7 +91,8 @@ def check_trailer(page: memoryview, kb: bytes, payload: memoryview) -> str | Non
         return "bad magic"
     if _TAIL.unpack_from(page, _HEAD.size)[0] != checksum(page[: _HEAD.size]):
         return "trailer checksum mismatch"
-    if page[TRAILER_USED:TRAILER_SIZE] != _ZEROS:
+    # tobytes() first: comparing a memoryview item by item costs ~20 us a page.
+    if page[TRAILER_USED:TRAILER_SIZE].tobytes() != _ZEROS:
         return "trailer padding is not zero"
     if version != VERSION or size != TRAILER_SIZE or algo != ALGO_XXH3_64:
         return f"unsupported format (version {version}, algorithm {algo})"

@@ -38,6 +38,9 @@ BACKENDS: tuple[str, ...] = ("auto", "uring", "threads")
 #: the driver ignores those completions.
 INTERNAL_TAG = 1 << 63
 
+#: registered-buffer slots an engine offers (READ_FIXED/WRITE_FIXED buf_index)
+BUFFER_SLOTS = 1024
+
 # Opcodes kvuring's chains need; missing any of them means the thread engine.
 REQUIRED_OPCODES: dict[str, int] = {
     "openat": b.OP_OPENAT,
@@ -129,6 +132,10 @@ class Engine:
         """
         raise NotImplementedError
 
+    def set_buffer(self, index: int, addr: int, length: int) -> None:
+        """Register memory for READ_FIXED/WRITE_FIXED in slot ``index`` (see Ring.set_buffer)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -215,7 +222,7 @@ class Ring(Engine):
         self._reap_ud = b.ffi.new("uint64_t[]", cq)
         self._reap_res = b.ffi.new("int32_t[]", cq)
         self._reap_max = cq
-        self._buffers_registered = False
+        self._buffer_table = False
 
     def _setup(self, sq_entries: int, cq_entries: int) -> int:
         last = 0
@@ -358,23 +365,27 @@ class Ring(Engine):
             self._stats.enter_calls += 1
 
     # -- registered buffers ----------------------------------------------------
-    def register_buffers(self, regions: Sequence[Any]) -> None:
-        """Register page-aligned regions (objects with the buffer protocol) for READ/WRITE_FIXED.
+    def set_buffer(self, index: int, addr: int, length: int) -> None:
+        """Point registered-buffer slot ``index`` at ``length`` bytes at ``addr`` (0, 0: empty it).
 
-        Raises OSError (ENOMEM when RLIMIT_MEMLOCK is too low); callers fall back
-        to plain reads and writes.
+        The kernel pins the pages until the slot is emptied or the ring
+        closes; operations already in flight keep the old pages.  Raises
+        OSError: ENOMEM when RLIMIT_MEMLOCK is too low, EFAULT for memory it
+        cannot pin (file-backed on some filesystems), EOPNOTSUPP on kernels
+        without sparse buffer tables (before 5.19).
         """
         self.check_owner()
-        if self._buffers_registered:
-            b.lib.io_uring_unregister_buffers(self._ring)
-            self._buffers_registered = False
-        iov = b.ffi.new("struct iovec[]", len(regions))
-        self._pinned_regions = [b.pin_buffer(r, writable=True) for r in regions]
-        for i, pinned in enumerate(self._pinned_regions):
-            iov[i].iov_base = pinned
-            iov[i].iov_len = len(pinned)
-        _check(b.lib.io_uring_register_buffers(self._ring, iov, len(regions)), "register_buffers")
-        self._buffers_registered = True
+        if not 0 <= index < BUFFER_SLOTS:
+            raise ValueError(f"buffer slot must be in [0, {BUFFER_SLOTS}), got {index}")
+        if not self._buffer_table:
+            _check(b.lib.io_uring_register_buffers_sparse(self._ring, BUFFER_SLOTS),
+                   "register_buffers_sparse")  # fmt: skip
+            self._buffer_table = True
+        iov = b.ffi.new("struct iovec *")
+        iov.iov_base = b.ffi.cast("void *", addr)
+        iov.iov_len = length
+        res = b.lib.io_uring_register_buffers_update_tag(self._ring, index, iov, b.ffi.NULL, 1)
+        _check(res if res < 0 else 0, "register_buffers_update")
 
     def close(self) -> None:
         """Release the ring; idempotent.  Drain in-flight work first (the driver does)."""
@@ -517,6 +528,12 @@ class ThreadRing(Engine):
                     os.close(self._files[i])
                     self._files[i] = -1
         os.close(self._efd)
+
+    def set_buffer(self, index: int, addr: int, length: int) -> None:
+        # Workers pass a fixed transfer's address straight to pread/pwrite.
+        self.check_owner()
+        if not 0 <= index < BUFFER_SLOTS:
+            raise ValueError(f"buffer slot must be in [0, {BUFFER_SLOTS}), got {index}")
 
     def stats(self) -> dict[str, Any]:
         out = super().stats()

@@ -50,6 +50,7 @@ from kvuring._format import (
     pack_trailer,
 )
 from kvuring._fs import MEMORY_FILESYSTEMS, filesystem_of
+from kvuring._regions import AlignedBuffer, FixedBuffers, aligned_buffer
 from kvuring._types import Buffer
 from kvuring._writers import (
     WriterRegistration,
@@ -59,6 +60,8 @@ from kvuring._writers import (
 )
 from kvuring.aio import AsyncRing
 from kvuring.engine import resolve_backend
+
+__all__ = ["BlockStore", "Status", "aligned_buffer"]
 
 log = logging.getLogger("kvuring")
 
@@ -124,19 +127,6 @@ def _load_priority() -> int:
     if not eff & (1 << _CAP_SYS_NICE | 1 << _CAP_SYS_ADMIN):
         return 0
     return IOPRIO_CLASS_RT << IOPRIO_CLASS_SHIFT | 4
-
-
-def aligned_buffer(nbytes: int) -> mmap.mmap:
-    """A writable, page-aligned, zero-filled buffer of ``nbytes`` (anonymous mmap).
-
-    Slice it with ``memoryview`` into block-sized rows; rows whose offset is a
-    multiple of the block size stay aligned for O_DIRECT.
-    """
-    if not isinstance(nbytes, int) or isinstance(nbytes, bool):
-        raise TypeError(f"nbytes must be int, not {type(nbytes).__name__}")
-    if nbytes <= 0:
-        raise ValueError(f"nbytes must be > 0, got {nbytes}")
-    return mmap.mmap(-1, nbytes)
 
 
 # ----------------------------------------------------------------------------
@@ -227,7 +217,8 @@ _COUNTERS: dict[Status, tuple[str, str | None]] = {
 class _TransferUnit(_BlockUnit):
     """A unit that moves a caller's buffer (or its aligned bounce copy)."""
 
-    __slots__ = ("bounce", "pinned", "view")
+    __slots__ = ("bounce", "pinned", "view", "wants")
+    wants: tuple[int, ...]
     bounce: mmap.mmap | None
     pinned: Any
     view: memoryview | None
@@ -250,6 +241,27 @@ class _TransferUnit(_BlockUnit):
                 self.bounce[:] = view
             addr = store._bounce_addr(self.bounce)
         return addr
+
+    def _fixed_slot(self, addr: int) -> int:
+        """The registered-buffer slot holding this block's memory, or -1 (plain transfer)."""
+        st = self.store
+        fixed = st._fixed
+        if fixed is None or not st._fixed_ready:
+            return -1
+        slot = fixed.slot_for(addr, st.block_size)
+        if slot >= 0:
+            st._stats["fixed_transfers"] += 1
+        return slot
+
+    def _check_transfers(self, results: list[int | None], what: str) -> tuple[int, str] | None:
+        """The first failed transfer of a chain: (its negative errno, "") or (0, why it was short)."""
+        for res in results:
+            if res is not None and res < 0:
+                return res, ""
+        for res, want in zip(results, self.wants):
+            if _short(res, want):
+                return 0, f"short {what} ({res} of {want} bytes)"
+        return None
 
     def _finish(self, status: Status, err: OSError | None = None) -> None:
         st = self.store
@@ -275,7 +287,7 @@ def _short(res: int | None, want: int) -> bool:
 
 class _PutUnit(_TransferUnit):
     __slots__ = (
-        "dir_paths", "error", "exists", "leaf", "leaf_addr", "made_dirs", "path_addr",
+        "dir_paths", "error", "exists", "first", "leaf", "leaf_addr", "made_dirs", "path_addr",
         "payload_addr", "psum", "retry_after_cleanup", "stage", "tmp_addr",
     )  # fmt: skip
 
@@ -305,6 +317,7 @@ class _PutUnit(_TransferUnit):
         self.error: OSError | None = None
         self.exists = False
         self.retry_after_cleanup = False
+        self.first = 0
 
     def begin(self, slot: int) -> None:
         # The hot path: the whole chain in one extend.  The temp file sits
@@ -332,25 +345,38 @@ class _PutUnit(_TransferUnit):
                 b.OP_MKDIRAT, _H | _S, ns, self.leaf_addr, 0, 0, ud | 1, 0, 0o755, 0,
             ))  # fmt: skip
         n = len(flags)
+        self.first = n
+        addr = self.payload_addr
+        fixed = self._fixed_slot(addr)
+        words.extend((b.OP_OPENAT2, _L | _S | _A, ns, tmp, 0, 0, ud | n, 0, st._how_create_addr, slot + 1))  # fmt: skip
         if st.verify:
             pack_trailer(st._trailer(slot), self.kb, bs, self.psum)
+        if fixed >= 0:
+            # Registered memory: payload and trailer as two fixed writes
+            # (a fixed transfer takes one contiguous range).
+            words.extend((b.OP_WRITE_FIXED, _L | _S | _F, slot, addr, bs, 0, ud | (n + 1), 0, fixed, 0))  # fmt: skip
+            if st.verify:
+                words.extend((
+                    b.OP_WRITE_FIXED, _L | _S | _F, slot, st._trailer_addr(slot), TRAILER_SIZE, bs,
+                    ud | (n + 2), 0, st._trailer_slot, 0,
+                ))  # fmt: skip
+                self.wants = (bs, TRAILER_SIZE)
+            else:
+                self.wants = (bs,)
+        elif st.verify:
             # payload + trailer in one writev, both O_DIRECT-aligned
-            iov_addr = st._set_iov(slot, self.payload_addr)
-            flags += (_L | _S | _A, _L | _S | _F, _L | _S, 0)
-            words.extend((
-                b.OP_OPENAT2, _L | _S | _A, ns, tmp, 0, 0, ud | n, 0, st._how_create_addr, slot + 1,
-                b.OP_WRITEV, _L | _S | _F, slot, iov_addr, 2, 0, ud | (n + 1), 0, 0, 0,
-                b.OP_CLOSE, _L | _S, 0, 0, 0, 0, ud | (n + 2), 0, 0, slot + 1,
-                b.OP_RENAMEAT, 0, ns, tmp, 0, 0, ud | (n + 3), rename_flags, ns, self.path_addr,
-            ))  # fmt: skip
+            iov_addr = st._set_iov(slot, addr)
+            words.extend((b.OP_WRITEV, _L | _S | _F, slot, iov_addr, 2, 0, ud | (n + 1), 0, 0, 0))
+            self.wants = (st.file_size,)
         else:
-            flags += (_L | _S | _A, _L | _S | _F, _L | _S, 0)
-            words.extend((
-                b.OP_OPENAT2, _L | _S | _A, ns, tmp, 0, 0, ud | n, 0, st._how_create_addr, slot + 1,
-                b.OP_WRITE, _L | _S | _F, slot, self.payload_addr, bs, 0, ud | (n + 1), 0, 0, 0,
-                b.OP_CLOSE, _L | _S, 0, 0, 0, 0, ud | (n + 2), 0, 0, slot + 1,
-                b.OP_RENAMEAT, 0, ns, tmp, 0, 0, ud | (n + 3), rename_flags, ns, self.path_addr,
-            ))  # fmt: skip
+            words.extend((b.OP_WRITE, _L | _S | _F, slot, addr, bs, 0, ud | (n + 1), 0, 0, 0))
+            self.wants = (bs,)
+        m = n + 1 + len(self.wants)
+        words.extend((
+            b.OP_CLOSE, _L | _S, 0, 0, 0, 0, ud | m, 0, 0, slot + 1,
+            b.OP_RENAMEAT, 0, ns, tmp, 0, 0, ud | (m + 1), rename_flags, ns, self.path_addr,
+        ))  # fmt: skip
+        flags += (_L | _S | _A, *([_L | _S | _F] * len(self.wants)), _L | _S, 0)
         self._flags = flags
         self.res = [None] * len(flags)
 
@@ -398,7 +424,7 @@ class _PutUnit(_TransferUnit):
                 self.begin(slot)
             return
         st = self.store
-        if len(self.res) > 4:
+        if self.first:
             # The upper-directory check failed: missing (make it, checked) or
             # not a real directory (never write through it).
             check = self.res[0]
@@ -408,7 +434,7 @@ class _PutUnit(_TransferUnit):
                 else:
                     self._finish(Status.FAILED, self.fail(check, self.leaf[:3]))
                 return
-        res = self.res[-4:]  # a leaf mkdir's EEXIST (or error) needs no action
+        res = self.res[self.first :]  # a leaf mkdir's EEXIST (or error) needs no action
         open_res = res[0]
         if open_res is not None and open_res < 0:
             if open_res == -errno.ENOENT and not self.made_dirs:
@@ -419,17 +445,17 @@ class _PutUnit(_TransferUnit):
                 self._finish(Status.FAILED, self.fail(open_res))
             return
         st._leaves_ready.add(self.leaf)
-        wres, want = res[1], st.file_size
-        if wres is not None and wres < 0:
-            self._cleanup_or_retry(slot, wres, close=True)
-            return
-        if _short(wres, want):
-            err = OSError(errno.ENOSPC, f"short write ({wres} of {want} bytes)",
-                          os.fsdecode(st.ns_path / self.path))  # fmt: skip
+        bad = self._check_transfers(res[1:-2], "write")
+        if bad is not None:
+            code, why = bad
+            if code:
+                self._cleanup_or_retry(slot, code, close=True)
+                return
+            err = OSError(errno.ENOSPC, why, os.fsdecode(st.ns_path / self.path))
             st._count_failure(err)
             self._cleanup(slot, err, retry=False, close=True)
             return
-        close_res = res[2]
+        close_res = res[-2]
         if close_res is not None and close_res < 0:
             self._cleanup_or_retry(slot, close_res, close=True)
             return
@@ -499,21 +525,33 @@ class _GetUnit(_TransferUnit):
         st = self.store
         ud = self._ud
         bs = st.block_size
-        if st.verify:
-            iov_addr = st._set_iov(slot, self.read_addr)
-            self._words.extend((
-                b.OP_OPENAT2, _L | _S | _A, st.ns_fd, self.path_addr, 0, 0, ud, 0, st._how_read_addr, slot + 1,
-                b.OP_READV, _H | _S | _F | st._read_flags, slot, iov_addr, 2, 0, ud | 1, 0, 0, st._load_ioprio,
-                b.OP_CLOSE, 0, 0, 0, 0, 0, ud | 2, 0, 0, slot + 1,
-            ))  # fmt: skip
+        addr = self.read_addr
+        fixed = self._fixed_slot(addr)
+        rf = _H | _S | _F | st._read_flags
+        prio = st._load_ioprio
+        words = self._words
+        words.extend((b.OP_OPENAT2, _L | _S | _A, st.ns_fd, self.path_addr, 0, 0, ud, 0, st._how_read_addr, slot + 1))  # fmt: skip
+        if fixed >= 0:
+            words.extend((b.OP_READ_FIXED, rf, slot, addr, bs, 0, ud | 1, 0, fixed, prio))
+            if st.verify:
+                words.extend((
+                    b.OP_READ_FIXED, rf, slot, st._trailer_addr(slot), TRAILER_SIZE, bs, ud | 2, 0,
+                    st._trailer_slot, prio,
+                ))  # fmt: skip
+                self.wants = (bs, TRAILER_SIZE)
+            else:
+                self.wants = (bs,)
+        elif st.verify:
+            iov_addr = st._set_iov(slot, addr)
+            words.extend((b.OP_READV, rf, slot, iov_addr, 2, 0, ud | 1, 0, 0, prio))
+            self.wants = (st.file_size,)
         else:
-            self._words.extend((
-                b.OP_OPENAT2, _L | _S | _A, st.ns_fd, self.path_addr, 0, 0, ud, 0, st._how_read_addr, slot + 1,
-                b.OP_READ, _H | _S | _F | st._read_flags, slot, self.read_addr, bs, 0, ud | 1, 0, 0, st._load_ioprio,
-                b.OP_CLOSE, 0, 0, 0, 0, 0, ud | 2, 0, 0, slot + 1,
-            ))  # fmt: skip
-        self._flags = [_L | _S | _A, _H | _S | _F | st._read_flags, 0]
-        self.res = [None, None, None]
+            words.extend((b.OP_READ, rf, slot, addr, bs, 0, ud | 1, 0, 0, prio))
+            self.wants = (bs,)
+        n = 1 + len(self.wants)
+        words.extend((b.OP_CLOSE, 0, 0, 0, 0, 0, ud | n, 0, 0, slot + 1))
+        self._flags = [_L | _S | _A, *([rf] * len(self.wants)), 0]
+        self.res = [None] * (n + 1)
 
     def end_chain(self, slot: int) -> None:
         if self.stage == "unlink":
@@ -530,22 +568,22 @@ class _GetUnit(_TransferUnit):
             else:
                 self._finish(Status.FAILED, self.fail(open_res))
             return
-        rres, want = res[1], st.file_size
-        if rres == -errno.EPERM and st._load_ioprio:
-            # The kernel refused the realtime I/O class after all: drop it.
-            log.warning("kvuring: realtime I/O priority refused; loads use the default")
-            st._load_ioprio = 0
-            self.begin(slot)
-            return
-        if rres is not None and rres < 0:
-            if self.retry(rres):
-                self.begin(slot)
-            else:
-                self._finish(Status.FAILED, self.fail(rres))
-            return
+        bad = self._check_transfers(res[1:-1], "read")
         why: str | None = None
-        if _short(rres, want):
-            why = f"short read ({rres} of {want} bytes)"
+        if bad is not None:
+            code, why = bad
+            if code == -errno.EPERM and st._load_ioprio:
+                # The kernel refused the realtime I/O class after all: drop it.
+                log.warning("kvuring: realtime I/O priority refused; loads use the default")
+                st._load_ioprio = 0
+                self.begin(slot)
+                return
+            if code:
+                if self.retry(code):
+                    self.begin(slot)
+                else:
+                    self._finish(Status.FAILED, self.fail(code))
+                return
         payload = memoryview(self.bounce)[: st.block_size] if self.bounce is not None else self.view
         assert payload is not None
         if why is None and st.verify:
@@ -660,6 +698,7 @@ class BlockStore:
         verify: bool = True,
         queue_depth: int = 256,
         prioritize_loads: bool = True,
+        fixed_buffers: bool = False,
     ) -> None:
         if not isinstance(block_size, int) or isinstance(block_size, bool):
             raise TypeError(f"block_size must be int, not {type(block_size).__name__}")
@@ -683,6 +722,7 @@ class BlockStore:
         self.direct_requested = direct
         self.verify = bool(verify)
         self.prioritize_loads = bool(prioritize_loads)
+        self.fixed_buffers = bool(fixed_buffers)
         self.queue_depth = queue_depth
         self.suffix = VERIFIED_SUFFIX if self.verify else RAW_SUFFIX
         self.file_size = block_size + (TRAILER_SIZE if self.verify else 0)
@@ -703,12 +743,15 @@ class BlockStore:
         self._tmp_seq = 0
         self._leaves_ready: set[bytes] = set()
         self._bounce_pool: list[mmap.mmap] = []
+        self._fixed: FixedBuffers | None = None
+        self._fixed_ready = False
+        self._trailer_slot = -1
         self._bounce_logged = False
         self._failure_logged: set[int] = set()
         self._stats: dict[str, int] = dict.fromkeys(
             ("puts", "gets", "contains", "deletes", "stored", "exists", "hits", "misses",
              "corrupt", "failures", "deleted", "bytes_written", "bytes_read", "bounced",
-             "dead_writers_cleaned"),
+             "dead_writers_cleaned", "fixed_transfers"),
             0,
         )  # fmt: skip
         self.closed = False
@@ -739,6 +782,7 @@ class BlockStore:
             self._ring = await AsyncRing(
                 backend=self.backend_requested, queue_depth=self.queue_depth
             ).open()
+            self._setup_fixed()
             await self._prepare_fanout()
         except BaseException:
             if self._ring is not None:
@@ -761,6 +805,8 @@ class BlockStore:
         self.closed = True
         if self._ring is not None:
             await self._ring.close()
+        if self._fixed is not None:
+            self._fixed.clear()
         self._close_fds()
 
     def _close_fds(self) -> None:
@@ -882,6 +928,54 @@ class BlockStore:
         self._how_dir_addr = self._how_read_addr + size
         self._how_create_addr = self._how_read_addr + 2 * size
 
+    def _setup_fixed(self) -> None:
+        # The trailer pages are registered first: a fixed transfer of a
+        # verified block needs both its payload and its trailer registered.
+        assert self._ring is not None
+        if not self.fixed_buffers:
+            return
+        self._fixed = FixedBuffers(self._ring.engine)
+        if self._trailers is None:
+            self._fixed_ready = True
+        elif self._fixed.add(self._trailers):
+            self._trailer_slot = self._fixed.slot_for(self._trailer_addr(0), len(self._trailers))
+            self._fixed_ready = True
+
+    # -- registered buffers ----------------------------------------------------------
+    def register(self, buffer: Buffer) -> bool:
+        """Register ``buffer`` (writable, page-aligned memory) for fixed-buffer transfers.
+
+        Needs ``fixed_buffers=True``.  Blocks whose memory lies inside a registered buffer move with
+        READ_FIXED/WRITE_FIXED: no page pinning per transfer.  The store
+        holds the buffer (it cannot be closed or resized) until
+        :meth:`unregister` or :meth:`close`.  :func:`aligned_buffer` regions
+        are registered automatically.  Returns False, and logs why once, when
+        the kernel refuses (RLIMIT_MEMLOCK too low, memory it cannot pin);
+        transfers then work as before.
+        """
+        self._ring_for_call()
+        if self._fixed is None:
+            raise RuntimeError("register() needs a store opened with fixed_buffers=True")
+        try:
+            view = memoryview(buffer)
+        except TypeError:
+            raise TypeError(
+                f"buffer must support the buffer protocol, not {type(buffer).__name__}"
+            ) from None
+        if view.readonly:
+            raise TypeError(
+                "register needs a writable buffer (the kernel pins it for reading into)"
+            )
+        if not view.c_contiguous:
+            raise ValueError("buffer must be C-contiguous")
+        return self._fixed.add(buffer)
+
+    def unregister(self, buffer: Buffer) -> bool:
+        """Stop using ``buffer`` for fixed transfers and let it go; False if it was not registered."""
+        if self._fixed is None:
+            return False
+        return self._fixed.remove(buffer)
+
     # -- helpers for units -----------------------------------------------------------
     def _trailer(self, slot: int) -> memoryview:
         assert self._trailers_view is not None
@@ -942,6 +1036,7 @@ class BlockStore:
         """Flat byte views of the buffers, after checking size, contiguity and writability."""
         views = []
         size = self.block_size
+        last: object = None
         for buf in bufs:
             try:
                 view = memoryview(buf)  # type: ignore[arg-type]
@@ -958,6 +1053,12 @@ class BlockStore:
             if not view.c_contiguous:
                 raise ValueError("buffer must be C-contiguous")
             views.append(view if view.format == "B" and view.ndim == 1 else view.cast("B"))
+            owner = view.obj
+            if owner is not last and isinstance(owner, AlignedBuffer):
+                last = owner
+                fixed = self._fixed
+                if fixed is not None and self._fixed_ready and not fixed.known(owner):
+                    fixed.add(owner)
         return views
 
     def _paths(self, keys: Sequence[object]) -> list[tuple[bytes, bytes, bytes]]:
@@ -1122,7 +1223,10 @@ class BlockStore:
             filesystem=self.filesystem,
             load_io_priority="realtime" if self._load_ioprio else "default",
             spread_reads=self.spread_reads,
+            fixed_buffers_active=self._fixed_ready,
         )
+        if self._fixed is not None:
+            out.update(self._fixed.stats())
         if self._ring is not None and self._ring._driver is not None:
             out["ring"] = self._ring.stats()
         return out

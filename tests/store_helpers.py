@@ -218,6 +218,8 @@ def _store(a: dict[str, Any]) -> BlockStore:
         namespace=a.get("ns", "default"),
         backend=a.get("backend", "auto"),
         direct=a.get("direct", "auto"),
+        verify=a.get("verify", True),
+        fixed_buffers=a.get("fixed_buffers", False),
     )
 
 
@@ -319,6 +321,10 @@ def main(argv: list[str]) -> int:
         # Everything is imported already (as root); from here on no privileges.
         import uvloop  # noqa: F401
 
+        if "memlock" in a:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (a["memlock"], a["memlock"]))
         os.setgroups([])
         os.setgid(65534)
         os.setuid(65534)

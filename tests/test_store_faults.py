@@ -221,6 +221,52 @@ async def test_unprivileged_writer_gets_eacces(tmp_path: Path, backend: str) -> 
         gen.close()
 
 
+@ONE_LOOP
+async def test_fixed_buffers_refused_by_memlock(backend: str) -> None:
+    """An unprivileged process with RLIMIT_MEMLOCK 0: registration fails, transfers still work."""
+    if backend != "uring":
+        pytest.skip("only io_uring pins registered buffers")
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
+    gen = new_root(base)
+    root = next(gen)
+    try:
+        root.chmod(0o755)
+        async with opened(root, BS, backend):  # root makes the fan-out
+            pass
+        _chown_tree(root / "default", 65534)
+        keys = [bytes([0x51, i, 3]) for i in range(4)]
+        args = {
+            "root": str(root), "bs": BS, "backend": backend, "fixed_buffers": True,
+            "memlock": 256 * 1024, "put_keys": [k.hex() for k in keys[:3]], "put_one": keys[3].hex(),
+            "get_keys": [k.hex() for k in keys],
+        }  # fmt: skip
+        proc = child("nobody", args)
+        out, err = reap(proc, timeout=60)
+        if "io_uring unavailable" in err or "EngineUnavailable" in err:
+            pytest.skip(f"io_uring refused for an unprivileged user: {err[-300:]}")
+        assert proc.returncode == 0, err
+        res = json.loads(out.strip().splitlines()[-1])
+        assert res["uid"] == 65534
+        assert res["put_many"] == ["stored"] * 3 and res["put_one"] == "stored"
+        assert res["get_many"] == ["hit"] * 4 and res["get_ok"] == [True] * 4
+        stats = res["stats"]
+        assert stats["registration_refused"] >= 1
+        assert stats["fixed_buffers_active"] is False
+        assert stats["registered_regions"] == 0 and stats["fixed_transfers"] == 0
+        assert "RLIMIT_MEMLOCK" in err  # the one warning says what to raise
+        # With no locked memory at all the ring itself is refused (ENOMEM):
+        # the default engine choice falls back to the thread engine.
+        again = {**args, "backend": "auto", "memlock": 0, "put_keys": [], "put_one": keys[0].hex()}
+        proc = child("nobody", again)
+        out, err = reap(proc, timeout=60)
+        assert proc.returncode == 0, err
+        res = json.loads(out.strip().splitlines()[-1])
+        assert res["stats"]["engine"] == "threads", err
+        assert res["put_one"] == "exists" and res["get_ok"] == [True] * 4
+    finally:
+        gen.close()
+
+
 # ----------------------------------------------------------------------------
 # EIO: a loop device shrunk under a mounted ext4
 # ----------------------------------------------------------------------------
