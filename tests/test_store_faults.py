@@ -257,7 +257,8 @@ async def test_fixed_buffers_refused_by_memlock(backend: str) -> None:
         # With no locked memory at all the ring itself is refused (ENOMEM):
         # the default engine choice falls back to the thread engine.
         again = {**args, "backend": "auto", "memlock": 0, "put_keys": [], "put_one": keys[0].hex()}
-        proc = child("nobody", again)
+        env = {k: v for k, v in os.environ.items() if k != "KVURING_BACKEND"}
+        proc = child("nobody", again, env=env)
         out, err = reap(proc, timeout=60)
         assert proc.returncode == 0, err
         res = json.loads(out.strip().splitlines()[-1])
