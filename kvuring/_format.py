@@ -84,22 +84,35 @@ def pack_trailer(page: memoryview, kb: bytes, payload_len: int, payload_sum: int
     page[TRAILER_USED:TRAILER_SIZE] = _ZEROS
 
 
-def check_trailer(page: memoryview, kb: bytes, payload: memoryview) -> str | None:
-    """None when trailer and payload agree with each other and with the key; else why not."""
-    magic, version, size, algo, length, klen, key, psum = _HEAD.unpack_from(page, 0)
+def read_trailer(page: memoryview, kb: bytes, length: int) -> tuple[str | None, int]:
+    """Check a trailer against itself, the key and the payload length.
+
+    Returns (None, the payload checksum it records) when it is sound, else
+    (why not, 0).  The payload itself is checked by comparing its checksum.
+    """
+    magic, version, size, algo, plen, klen, key, psum = _HEAD.unpack_from(page, 0)
     if magic != MAGIC:
-        return "bad magic"
+        return "bad magic", 0
     if _TAIL.unpack_from(page, _HEAD.size)[0] != checksum(page[: _HEAD.size]):
-        return "trailer checksum mismatch"
+        return "trailer checksum mismatch", 0
     # tobytes() first: comparing a memoryview item by item costs ~20 us a page.
     if page[TRAILER_USED:TRAILER_SIZE].tobytes() != _ZEROS:
-        return "trailer padding is not zero"
+        return "trailer padding is not zero", 0
     if version != VERSION or size != TRAILER_SIZE or algo != ALGO_XXH3_64:
-        return f"unsupported format (version {version}, algorithm {algo})"
-    if length != len(payload):
-        return f"payload length {length}, expected {len(payload)}"
+        return f"unsupported format (version {version}, algorithm {algo})", 0
+    if plen != length:
+        return f"payload length {plen}, expected {length}", 0
     if key[:klen] != kb:
-        return "key mismatch"
-    if psum != checksum(payload):
-        return "payload checksum mismatch"
-    return None
+        return "key mismatch", 0
+    return None, int(psum)
+
+
+def check_trailer(page: memoryview, kb: bytes, payload: memoryview) -> str | None:
+    """None when trailer and payload agree with each other and with the key; else why not."""
+    why, psum = read_trailer(page, kb, len(payload))
+    if why is None and psum != checksum(payload):
+        why = PAYLOAD_MISMATCH
+    return why
+
+
+PAYLOAD_MISMATCH = "payload checksum mismatch"

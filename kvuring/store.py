@@ -25,6 +25,7 @@ temp files without touching a live one's.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import enum
 import errno
@@ -39,15 +40,16 @@ from typing import Any
 from kvuring import _binding as b
 from kvuring._driver import Unit
 from kvuring._format import (
+    PAYLOAD_MISMATCH,
     RAW_SUFFIX,
     TRAILER_SIZE,
     VERIFIED_SUFFIX,
     block_relpath,
     check_namespace,
-    check_trailer,
     checksum,
     key_bytes,
     pack_trailer,
+    read_trailer,
 )
 from kvuring._fs import MEMORY_FILESYSTEMS, filesystem_of
 from kvuring._regions import AlignedBuffer, FixedBuffers, aligned_buffer
@@ -71,6 +73,9 @@ MAX_BLOCK_SIZE = 1 << 30
 # 64 Ki entries.
 MAX_QUEUE_DEPTH = 8192
 MAX_RETRIES = 8
+#: blocks at least this big, in calls of more than one block, are checksummed
+#: on worker threads (xxhash releases the GIL) instead of the loop's thread
+HASH_OFFLOAD_MIN = 256 * 1024
 RETRY_ERRNOS = frozenset((errno.EAGAIN, errno.EINTR))
 
 _S = b.SQE_CQE_SKIP_SUCCESS
@@ -135,7 +140,7 @@ def _load_priority() -> int:
 
 
 class _Batch:
-    __slots__ = ("errors", "fut", "pending", "results", "strings")
+    __slots__ = ("errors", "fut", "pending", "results", "strings", "unverified")
 
     def __init__(self, n: int, fut: asyncio.Future[None]) -> None:
         self.results: list[Any] = [None] * n
@@ -143,6 +148,9 @@ class _Batch:
         self.pending = n
         self.fut = fut
         self.strings: Any = None
+        # Loads read and trailer-checked whose payload checksum is still to
+        # compare: (index, recorded checksum, payload view, key, path).
+        self.unverified: list[tuple[int, int, memoryview, bytes, bytes]] = []
 
     def c_strings(self, items: list[bytes]) -> list[int]:
         """NUL-terminated copies of ``items`` in one allocation the batch keeps; their addresses."""
@@ -263,7 +271,8 @@ class _TransferUnit(_BlockUnit):
                 return 0, f"short {what} ({res} of {want} bytes)"
         return None
 
-    def _finish(self, status: Status, err: OSError | None = None) -> None:
+    def _finish(self, status: Any, err: OSError | None = None) -> None:
+        # status: a Status, or _UNVERIFIED for get_many to settle
         st = self.store
         if self.bounce is not None:
             st._bounce_put(self.bounce)
@@ -278,6 +287,14 @@ class _TransferUnit(_BlockUnit):
             if counter[1] is not None:
                 st._stats[counter[1]] += st.block_size
         self.batch.done(self.index, status, err)
+
+
+#: a load's batch result while its payload checksum waits for get_many
+_UNVERIFIED = object()
+
+
+def _checksums(views: list[memoryview]) -> list[int]:
+    return [checksum(v) for v in views]
 
 
 def _short(res: int | None, want: int) -> bool:
@@ -303,6 +320,7 @@ class _PutUnit(_TransferUnit):
         tmp_addr: int,
         leaf_addr: int,
         view: memoryview,
+        defer_sum: bool,
     ) -> None:
         super().__init__(store, batch, index, kb, path)
         self.leaf = leaf
@@ -310,7 +328,8 @@ class _PutUnit(_TransferUnit):
         self.path_addr = path_addr
         self.tmp_addr = tmp_addr
         self.payload_addr = self._pin(view, writable=False)
-        self.psum = checksum(view) if store.verify else 0
+        # Big blocks in a batch: put_many fills psum in from worker threads.
+        self.psum = checksum(view) if store.verify and not defer_sum else 0
         self.dir_paths: tuple[Any, ...] = ()
         self.made_dirs = False
         self.stage = "store"
@@ -501,7 +520,7 @@ class _PutUnit(_TransferUnit):
 
 
 class _GetUnit(_TransferUnit):
-    __slots__ = ("path_addr", "read_addr", "stage")
+    __slots__ = ("defer_sum", "path_addr", "read_addr", "stage")
 
     def __init__(
         self,
@@ -512,9 +531,11 @@ class _GetUnit(_TransferUnit):
         path: bytes,
         path_addr: int,
         view: memoryview,
+        defer_sum: bool,
     ) -> None:
         super().__init__(store, batch, index, kb, path)
         self.path_addr = path_addr
+        self.defer_sum = defer_sum
         self.read_addr = self._pin(view, writable=True)
         self.stage = "load"
 
@@ -587,7 +608,16 @@ class _GetUnit(_TransferUnit):
         payload = memoryview(self.bounce)[: st.block_size] if self.bounce is not None else self.view
         assert payload is not None
         if why is None and st.verify:
-            why = check_trailer(st._trailer(slot), self.kb, payload)
+            why, psum = read_trailer(st._trailer(slot), self.kb, len(payload))
+            if why is None:
+                if self.defer_sum and self.bounce is None:
+                    # get_many compares the payload's checksum on worker
+                    # threads once the batch's reads are done.
+                    self.batch.unverified.append((self.index, psum, payload, self.kb, self.path))
+                    self._finish(_UNVERIFIED)
+                    return
+                if checksum(payload) != psum:
+                    why = PAYLOAD_MISMATCH
         if why is None:
             if self.bounce is not None:
                 assert self.view is not None
@@ -635,14 +665,23 @@ class _StatUnit(_BlockUnit):
 
 
 class _DeleteUnit(_BlockUnit):
-    __slots__ = ("cdir", "cpath")
+    __slots__ = ("cdir", "counted", "cpath")
 
     def __init__(
-        self, store: BlockStore, batch: _Batch, index: int, kb: bytes, path: bytes, leaf: bytes
+        self,
+        store: BlockStore,
+        batch: _Batch,
+        index: int,
+        kb: bytes,
+        path: bytes,
+        leaf: bytes,
+        *,
+        counted: bool = True,
     ) -> None:
         super().__init__(store, batch, index, kb, path)
         self.cpath = b.c_path(path)
         self.cdir = b.c_path(leaf)
+        self.counted = counted  # False: removing a corrupt block, not a delete_many
 
     def begin(self, slot: int) -> None:
         st = self.store
@@ -665,7 +704,8 @@ class _DeleteUnit(_BlockUnit):
                 self.batch.done(self.index, False, self.fail(dir_res))
             return
         if unlink_res == 0:
-            self.store._stats["deleted"] += 1
+            if self.counted:
+                self.store._stats["deleted"] += 1
             self.batch.done(self.index, True)
         elif unlink_res is None or unlink_res == -errno.ENOENT:
             self.batch.done(self.index, False)
@@ -744,6 +784,8 @@ class BlockStore:
         self._leaves_ready: set[bytes] = set()
         self._bounce_pool: list[mmap.mmap] = []
         self._fixed: FixedBuffers | None = None
+        self._hash_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._hash_threads = max(2, min(8, os.cpu_count() or 2))
         self._fixed_ready = False
         self._trailer_slot = -1
         self._bounce_logged = False
@@ -751,7 +793,7 @@ class BlockStore:
         self._stats: dict[str, int] = dict.fromkeys(
             ("puts", "gets", "contains", "deletes", "stored", "exists", "hits", "misses",
              "corrupt", "failures", "deleted", "bytes_written", "bytes_read", "bounced",
-             "dead_writers_cleaned", "fixed_transfers"),
+             "dead_writers_cleaned", "fixed_transfers", "offloaded_checksums"),
             0,
         )  # fmt: skip
         self.closed = False
@@ -807,6 +849,9 @@ class BlockStore:
             await self._ring.close()
         if self._fixed is not None:
             self._fixed.clear()
+        if self._hash_pool is not None:
+            self._hash_pool.shutdown(wait=True)
+            self._hash_pool = None
         self._close_fds()
 
     def _close_fds(self) -> None:
@@ -1111,6 +1156,7 @@ class BlockStore:
             names += (path, path + marker % (seq + i), leaf)
         addrs = batch.c_strings(names)
         self._stats["puts"] += len(paths)
+        defer = self._offload_hashing(len(paths))
         return [
             _PutUnit(
                 self,
@@ -1123,6 +1169,7 @@ class BlockStore:
                 addrs[3 * i + 1],
                 addrs[3 * i + 2],
                 view,
+                defer,
             )
             for i, ((kb, leaf, path), view) in enumerate(zip(paths, views))
         ]
@@ -1135,8 +1182,9 @@ class BlockStore:
         batch = self._new_batch(len(paths))
         addrs = batch.c_strings([path for _kb, _leaf, path in paths])
         self._stats["gets"] += len(paths)
+        defer = self._offload_hashing(len(paths))
         return [
-            _GetUnit(self, batch, i, kb, path, addrs[i], view)
+            _GetUnit(self, batch, i, kb, path, addrs[i], view, defer)
             for i, ((kb, _leaf, path), view) in enumerate(zip(paths, views))
         ]
 
@@ -1145,11 +1193,78 @@ class BlockStore:
 
         Each buffer must hold block_size bytes and must not change until this returns.
         """
-        return await self._run_many(self._put_units(keys, bufs))
+        units = self._put_units(keys, bufs)
+        if units and self._offload_hashing(len(units)):
+            await self._sum_puts(units)
+        return await self._run_many(units)
 
     async def get_many(self, keys: Sequence[bytes | int], bufs: Sequence[Buffer]) -> list[Status]:
         """Load blocks into ``bufs``; HIT, MISS, CORRUPT or FAILED per block, in order."""
-        return await self._run_many(self._get_units(keys, bufs))
+        units = self._get_units(keys, bufs)
+        results = await self._run_many(units)
+        if units and units[0].batch.unverified:
+            await self._verify_loads(units[0].batch)
+        return results
+
+    # -- checksums on worker threads --------------------------------------------------
+    def _offload_hashing(self, n: int) -> bool:
+        return self.verify and n > 1 and self.block_size >= HASH_OFFLOAD_MIN
+
+    async def _sums(self, views: list[memoryview]) -> list[int]:
+        """xxh3 of each view, spread over the hash threads (xxhash releases the GIL)."""
+        if self._hash_pool is None:
+            self._hash_pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=self._hash_threads, thread_name_prefix="kvuring-hash"
+            )
+        loop = asyncio.get_running_loop()
+        self._stats["offloaded_checksums"] += len(views)
+        k = min(len(views), self._hash_threads)
+        parts = await asyncio.gather(
+            *(loop.run_in_executor(self._hash_pool, _checksums, views[i::k]) for i in range(k))
+        )
+        out = [0] * len(views)
+        for i, part in enumerate(parts):
+            out[i::k] = part
+        return out
+
+    async def _sum_puts(self, units: list[_BlockUnit]) -> None:
+        puts = [u for u in units if isinstance(u, _PutUnit)]
+        # A bounced block is written from its bounce copy: checksum that.
+        views = [
+            memoryview(u.bounce)[: self.block_size] if u.bounce is not None else u.view
+            for u in puts
+        ]
+        try:
+            sums = await self._sums(views)  # type: ignore[arg-type]
+        except BaseException:
+            for u in puts:  # never started: give their buffers back
+                u._finish(Status.FAILED)
+            raise
+        for u, psum in zip(puts, sums):
+            u.psum = psum
+
+    async def _verify_loads(self, batch: _Batch) -> None:
+        """Compare the deferred payload checksums; HIT or CORRUPT (and removed)."""
+        todo, batch.unverified = batch.unverified, []
+        sums = await self._sums([view for _i, _want, view, _kb, _path in todo])
+        bad: list[tuple[bytes, bytes]] = []
+        for (index, want, _view, kb, path), got in zip(todo, sums):
+            if got == want:
+                batch.results[index] = Status.HIT
+                self._stats["hits"] += 1
+                self._stats["bytes_read"] += self.block_size
+                continue
+            batch.results[index] = Status.CORRUPT
+            self._stats["corrupt"] += 1
+            log.warning("kvuring: corrupt block %s (%s); removing it",
+                        os.fsdecode(self.ns_path / path), PAYLOAD_MISMATCH)  # fmt: skip
+            bad.append((kb, path))
+        if bad:
+            removal = self._new_batch(len(bad))
+            await self._run_many([
+                _DeleteUnit(self, removal, i, kb, path, path.rsplit(b"/", 1)[0], counted=False)
+                for i, (kb, path) in enumerate(bad)
+            ])  # fmt: skip
 
     async def put(self, key: bytes | int, buf: Buffer) -> Status:
         """Store one block: STORED or EXISTS; raises OSError (with errno and path) on failure."""

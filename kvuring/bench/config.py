@@ -49,6 +49,7 @@ class BenchConfig:
     step_timeout: float
     keep: bool
     smoke: bool
+    verify: bool
     progress: bool
 
     def blocks_for(self, block_size: int) -> int:
@@ -73,7 +74,7 @@ class BenchConfig:
             "latency_requests": self.latency_requests,
             "bg_batch": self.bg_batch,
             "step_timeout": self.step_timeout,
-            "verify": True,
+            "verify": self.verify,
             "smoke": self.smoke,
         }
 
@@ -199,6 +200,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--no-latency", action="store_true", help="skip the prefix-load-under-stores test")
     add(
+        "--no-verify",
+        action="store_true",
+        help="kvuring with verify=False (raw .bin files, no checksum), to separate its cost",
+    )
+    add(
         "--latency-block",
         type=parse_size,
         default=None,
@@ -268,5 +274,6 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         step_timeout=_pick(args, "step_timeout"),
         keep=args.keep,
         smoke=args.smoke,
+        verify=not args.no_verify,
         progress=not args.no_progress,
     )

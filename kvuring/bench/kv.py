@@ -145,9 +145,10 @@ async def _session(
     batch: int,
     concurrency: int,
     queue_depth: int,
+    verify: bool,
 ) -> KvSession:
     store = BlockStore(
-        root, region.block_size, backend=backend_of(impl), verify=True, queue_depth=queue_depth
+        root, region.block_size, backend=backend_of(impl), verify=verify, queue_depth=queue_depth
     )
     async with store:
         # Untimed: whatever the store sets up on first use (directories,
@@ -171,7 +172,7 @@ def kv_session(
     concurrency = max(1, min(cfg.concurrency, len(region.views) // batch))
     return run_on_loop(
         impl,
-        lambda: _session(impl, root, keys, region, batch, concurrency, cfg.queue_depth),
+        lambda: _session(impl, root, keys, region, batch, concurrency, cfg.queue_depth, cfg.verify),
         cfg.step_timeout,
     )
 
@@ -185,11 +186,12 @@ async def _latency(
     bg_batch: int,
     requests: int,
     queue_depth: int,
+    verify: bool,
 ) -> KvLatency:
     prefix_bufs = region.views[: len(prefix)]
     bg_bufs = region.views[len(prefix) : len(prefix) + bg_batch]
     store = BlockStore(
-        root, region.block_size, backend=backend_of(impl), verify=True, queue_depth=queue_depth
+        root, region.block_size, backend=backend_of(impl), verify=verify, queue_depth=queue_depth
     )
     async with store:
         await store.put_many(prefix, prefix_bufs)
@@ -231,7 +233,15 @@ def kv_latency(
     return run_on_loop(
         impl,
         lambda: _latency(
-            impl, root, prefix, region, bg_keys, cfg.bg_batch, cfg.latency_requests, cfg.queue_depth
+            impl,
+            root,
+            prefix,
+            region,
+            bg_keys,
+            cfg.bg_batch,
+            cfg.latency_requests,
+            cfg.queue_depth,
+            cfg.verify,
         ),
         cfg.step_timeout,
     )
