@@ -50,6 +50,7 @@ class BenchConfig:
     keep: bool
     smoke: bool
     verify: bool
+    fixed_buffers: bool
     progress: bool
 
     def blocks_for(self, block_size: int) -> int:
@@ -75,6 +76,7 @@ class BenchConfig:
             "bg_batch": self.bg_batch,
             "step_timeout": self.step_timeout,
             "verify": self.verify,
+            "fixed_buffers": self.fixed_buffers,
             "smoke": self.smoke,
         }
 
@@ -205,6 +207,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="kvuring with verify=False (raw .bin files, no checksum), to separate its cost",
     )
     add(
+        "--fixed-buffers",
+        action="store_true",
+        help="kvuring with fixed_buffers=True (registered buffers, READ/WRITE_FIXED)",
+    )
+    add(
         "--latency-block",
         type=parse_size,
         default=None,
@@ -275,5 +282,6 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         keep=args.keep,
         smoke=args.smoke,
         verify=not args.no_verify,
+        fixed_buffers=args.fixed_buffers,
         progress=not args.no_progress,
     )

@@ -146,9 +146,15 @@ async def _session(
     concurrency: int,
     queue_depth: int,
     verify: bool,
+    fixed_buffers: bool,
 ) -> KvSession:
     store = BlockStore(
-        root, region.block_size, backend=backend_of(impl), verify=verify, queue_depth=queue_depth
+        root,
+        region.block_size,
+        backend=backend_of(impl),
+        verify=verify,
+        queue_depth=queue_depth,
+        fixed_buffers=fixed_buffers,
     )
     async with store:
         # Untimed: whatever the store sets up on first use (directories,
@@ -172,7 +178,17 @@ def kv_session(
     concurrency = max(1, min(cfg.concurrency, len(region.views) // batch))
     return run_on_loop(
         impl,
-        lambda: _session(impl, root, keys, region, batch, concurrency, cfg.queue_depth, cfg.verify),
+        lambda: _session(
+            impl,
+            root,
+            keys,
+            region,
+            batch,
+            concurrency,
+            cfg.queue_depth,
+            cfg.verify,
+            cfg.fixed_buffers,
+        ),
         cfg.step_timeout,
     )
 
@@ -187,11 +203,17 @@ async def _latency(
     requests: int,
     queue_depth: int,
     verify: bool,
+    fixed_buffers: bool,
 ) -> KvLatency:
     prefix_bufs = region.views[: len(prefix)]
     bg_bufs = region.views[len(prefix) : len(prefix) + bg_batch]
     store = BlockStore(
-        root, region.block_size, backend=backend_of(impl), verify=verify, queue_depth=queue_depth
+        root,
+        region.block_size,
+        backend=backend_of(impl),
+        verify=verify,
+        queue_depth=queue_depth,
+        fixed_buffers=fixed_buffers,
     )
     async with store:
         await store.put_many(prefix, prefix_bufs)
@@ -242,6 +264,7 @@ def kv_latency(
             cfg.latency_requests,
             cfg.queue_depth,
             cfg.verify,
+            cfg.fixed_buffers,
         ),
         cfg.step_timeout,
     )

@@ -67,7 +67,7 @@ def _method_line(result: dict[str, Any]) -> str:
     amount = format_size(c["bytes_per_size"]) if c["bytes_per_size"] % 1024 == 0 else "?"
     return (
         f"Medians of {c['rounds']} interleaved round(s), {amount} per block size, "
-        f"implementation and round. kvuring: verify={c.get('verify', True)}, batches of {c['batch']} blocks, "
+        f"implementation and round. kvuring: verify={c.get('verify', True)}, fixed_buffers={c.get('fixed_buffers', False)}, batches of {c['batch']} blocks, "
         f"{c['concurrency']} batches in flight. Seed: {c['pool_threads']}-thread pool, one "
         f"task per block. fio: io_uring, direct=1, iodepth={c['fio_iodepth']}, one "
         f"preallocated file. Every round stores new keys into fresh directories and loads "
