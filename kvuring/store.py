@@ -52,6 +52,7 @@ from kvuring._format import (
     read_trailer,
 )
 from kvuring._fs import MEMORY_FILESYSTEMS, filesystem_of
+from kvuring._gate import STORES_DURING_LOADS, StoreGate
 from kvuring._regions import AlignedBuffer, FixedBuffers, aligned_buffer
 from kvuring._types import Buffer
 from kvuring._writers import (
@@ -177,7 +178,7 @@ class _Batch:
 
 
 class _BlockUnit(Unit):
-    __slots__ = ("batch", "index", "kb", "path", "res", "retries", "store")
+    __slots__ = ("batch", "gated", "index", "kb", "path", "res", "retries", "store")
 
     def __init__(
         self, store: BlockStore, batch: _Batch, index: int, kb: bytes, path: bytes
@@ -189,6 +190,7 @@ class _BlockUnit(Unit):
         self.kb = kb
         self.path = path
         self.retries = 0
+        self.gated = False  # counted by the store gate (see kvuring/_gate.py)
         # One result per step of the current chain; None until a CQE arrives,
         # and with CQE_SKIP_SUCCESS a step that succeeded never posts one.
         self.res: list[int | None] = []
@@ -277,6 +279,9 @@ class _TransferUnit(_BlockUnit):
         if self.bounce is not None:
             st._bounce_put(self.bounce)
             self.bounce = None
+        if self.gated:
+            self.gated = False
+            st._gate_done(self)
         # The kernel is done with the memory: give the export back now (an
         # mmap can then be closed right after the await; see aio._release).
         b.ffi.release(self.pinned)
@@ -784,6 +789,7 @@ class BlockStore:
         self._leaves_ready: set[bytes] = set()
         self._bounce_pool: list[mmap.mmap] = []
         self._fixed: FixedBuffers | None = None
+        self._gate: StoreGate | None = None
         self._hash_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._hash_threads = max(2, min(8, os.cpu_count() or 2))
         self._fixed_ready = False
@@ -825,6 +831,8 @@ class BlockStore:
                 backend=self.backend_requested, queue_depth=self.queue_depth
             ).open()
             self._setup_fixed()
+            if self.prioritize_loads:
+                self._gate = StoreGate(self._gate_start, STORES_DURING_LOADS)
             await self._prepare_fanout()
         except BaseException:
             if self._ring is not None:
@@ -845,6 +853,9 @@ class BlockStore:
         if self.closed:
             return
         self.closed = True
+        if self._gate is not None:
+            for unit in self._gate.drop_waiting():
+                unit.aborted(RuntimeError("kvuring closed before the operation ran"))
         if self._ring is not None:
             await self._ring.close()
         if self._fixed is not None:
@@ -1124,7 +1135,17 @@ class BlockStore:
     async def _run(self, units: list[_BlockUnit], batch: _Batch) -> None:
         if not units:
             return
-        self._ring_for_call().start_many(units)
+        ring = self._ring_for_call()
+        gate = self._gate
+        if gate is not None and isinstance(units[0], _PutUnit):
+            gate.add(units)
+        elif gate is not None and isinstance(units[0], _GetUnit):
+            for unit in units:
+                unit.gated = True
+            gate.loads_started(len(units))
+            ring.start_many(units)
+        else:
+            ring.start_many(units)
         try:
             await batch.fut
         except asyncio.CancelledError:
@@ -1132,7 +1153,25 @@ class BlockStore:
             # up absent or intact); those still queued are dropped.
             for unit in units:
                 unit.cancelled = True
+                if unit.gated and unit.ticket < 0:  # queued: will never run
+                    unit.gated = False
+                    self._gate_done(unit)
             raise
+
+    def _gate_start(self, units: Sequence[Unit]) -> None:
+        for unit in units:
+            if isinstance(unit, _BlockUnit):
+                unit.gated = True
+        self._ring_for_call().start_many(units)
+
+    def _gate_done(self, unit: _BlockUnit) -> None:
+        gate = self._gate
+        if gate is None:
+            return
+        if isinstance(unit, _PutUnit):
+            gate.store_done()
+        else:
+            gate.load_done()
 
     def _new_batch(self, n: int) -> _Batch:
         return _Batch(n, asyncio.get_running_loop().create_future())
@@ -1339,6 +1378,7 @@ class BlockStore:
             load_io_priority="realtime" if self._load_ioprio else "default",
             spread_reads=self.spread_reads,
             fixed_buffers_active=self._fixed_ready,
+            stores_held_for_loads=self._gate.held if self._gate is not None else 0,
         )
         if self._fixed is not None:
             out.update(self._fixed.stats())
