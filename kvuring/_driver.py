@@ -34,6 +34,8 @@ STEP_BITS = 4
 TICKET_BITS = 20
 MAX_STEPS = 1 << STEP_BITS
 TICKET_MASK = (1 << TICKET_BITS) - 1
+_STEP_MASK = MAX_STEPS - 1
+_UD_MASK = ~_STEP_MASK
 CANCEL_TAG = INTERNAL_TAG | 2
 
 _SKIP = b.SQE_CQE_SKIP_SUCCESS
@@ -233,17 +235,18 @@ class Driver:
     def dispatch(self, completions: Completions) -> None:
         uds, results = completions
         units = self._units
+        n_units = len(units)
         for ud, res in zip(uds, results):
             if ud & INTERNAL_TAG:
                 continue
             ticket = (ud >> STEP_BITS) & TICKET_MASK
-            unit = units[ticket] if ticket < len(units) else None
-            if unit is None or unit._ud != ud & ~(MAX_STEPS - 1):
+            unit = units[ticket] if ticket < n_units else None
+            if unit is None or unit._ud != ud & _UD_MASK:
                 self.stray_cqes += 1
                 continue
-            step = ud & (MAX_STEPS - 1)
+            step = ud & _STEP_MASK
             unit.on_cqe(step, res)
-            flags = unit._flags[step]
+            chain = unit._flags
             # A chain is over after its last step, or after a failed step
             # that carried CQE_SKIP_SUCCESS on a soft link: the kernel cancels
             # the rest of the chain without posting their CQEs.  A SKIP step
@@ -252,12 +255,16 @@ class Driver:
             # -ECANCELED too, so the chain only ends at its last step.
             # (Ending it at the first such CQE handed the rest of the old
             # chain's CQEs to the unit's next chain.)
-            over = step == len(unit._flags) - 1
-            if not over and flags & _LINK and not flags & _HARD:
-                if flags & _SKIP:
-                    over = not unit._loud
-                elif _fails(res, unit._rules[step]):
-                    unit._loud = True
+            if step == len(chain) - 1:
+                over = True
+            else:
+                flags = chain[step]
+                over = False
+                if flags & _LINK and not flags & _HARD:
+                    if flags & _SKIP:
+                        over = not unit._loud
+                    elif _fails(res, unit._rules[step]):
+                        unit._loud = True
             if over:
                 unit._flags = []
                 unit._rules = []
