@@ -270,6 +270,39 @@ class _TransferUnit(_BlockUnit):
             st._stats["fixed_transfers"] += 1
         return slot
 
+    def _transfers(
+        self, slot: int, step: int, addr: int, flags: int, prio: int, *, read: bool
+    ) -> None:
+        """Append the chain's payload (and trailer) transfers as steps ``step``...; sets ``wants``.
+
+        One readv/writev of payload + trailer page, or with registered
+        memory two fixed transfers (a fixed transfer takes one contiguous
+        range), or the bare payload for ``verify=False``.
+        """
+        st = self.store
+        bs = st.block_size
+        ud = self._ud
+        words = self._words
+        fixed = -1 if st._fixed is None else self._fixed_slot(addr)
+        if fixed >= 0:
+            op = b.OP_READ_FIXED if read else b.OP_WRITE_FIXED
+            words.extend((op, flags, slot, addr, bs, 0, ud | step, 0, fixed, prio))
+            if st.verify:
+                trailer = st._trailer_addr(slot)
+                words.extend((op, flags, slot, trailer, TRAILER_SIZE, bs, ud | (step + 1), 0,
+                              st._trailer_slot, prio))  # fmt: skip
+                self.wants = (bs, TRAILER_SIZE)
+            else:
+                self.wants = (bs,)
+        elif st.verify:
+            op = b.OP_READV if read else b.OP_WRITEV
+            words.extend((op, flags, slot, st._set_iov(slot, addr), 2, 0, ud | step, 0, 0, prio))
+            self.wants = st._file_want
+        else:
+            op = b.OP_READ if read else b.OP_WRITE
+            words.extend((op, flags, slot, addr, bs, 0, ud | step, 0, 0, prio))
+            self.wants = (bs,)
+
     def _check_transfers(self, results: list[int | None], what: str) -> tuple[int, str] | None:
         """The first failed transfer of a chain: (its negative errno, "") or (0, why it was short)."""
         for res in results:
@@ -378,30 +411,10 @@ class _PutUnit(_TransferUnit):
         n = len(flags)
         self.first = n
         addr = self.payload_addr
-        fixed = self._fixed_slot(addr)
         words.extend((b.OP_OPENAT2, _L | _S | _A, ns, tmp, 0, 0, ud | n, 0, st._how_create_addr, slot + 1))  # fmt: skip
         if st.verify:
             pack_trailer(st._trailer(slot), self.kb, bs, self.psum)
-        if fixed >= 0:
-            # Registered memory: payload and trailer as two fixed writes
-            # (a fixed transfer takes one contiguous range).
-            words.extend((b.OP_WRITE_FIXED, _L | _S | _F, slot, addr, bs, 0, ud | (n + 1), 0, fixed, 0))  # fmt: skip
-            if st.verify:
-                words.extend((
-                    b.OP_WRITE_FIXED, _L | _S | _F, slot, st._trailer_addr(slot), TRAILER_SIZE, bs,
-                    ud | (n + 2), 0, st._trailer_slot, 0,
-                ))  # fmt: skip
-                self.wants = (bs, TRAILER_SIZE)
-            else:
-                self.wants = (bs,)
-        elif st.verify:
-            # payload + trailer in one writev, both O_DIRECT-aligned
-            iov_addr = st._set_iov(slot, addr)
-            words.extend((b.OP_WRITEV, _L | _S | _F, slot, iov_addr, 2, 0, ud | (n + 1), 0, 0, 0))
-            self.wants = (st.file_size,)
-        else:
-            words.extend((b.OP_WRITE, _L | _S | _F, slot, addr, bs, 0, ud | (n + 1), 0, 0, 0))
-            self.wants = (bs,)
+        self._transfers(slot, n + 1, addr, _L | _S | _F, 0, read=False)
         m = n + 1 + len(self.wants)
         words.extend((
             b.OP_CLOSE, _L | _S, 0, 0, 0, 0, ud | m, 0, 0, slot + 1,
@@ -557,13 +570,11 @@ class _GetUnit(_TransferUnit):
         # freed; the reads' own results say what happened.
         st = self.store
         ud = self._ud
-        bs = st.block_size
         addr = self.read_addr
         rf = _H | _S | _F | st._read_flags
         prio = st._load_ioprio
         words = self._words
-        fixed = -1 if st._fixed is None else self._fixed_slot(addr)
-        if fixed < 0 and st.verify:
+        if st._fixed is None and st.verify:
             # The common case in one extend: open, readv payload + trailer, close.
             words.extend((
                 b.OP_OPENAT2, _L | _S | _A, st.ns_fd, self.path_addr, 0, 0, ud, 0, st._how_read_addr, slot + 1,
@@ -575,23 +586,7 @@ class _GetUnit(_TransferUnit):
             self.res = [None, None, None]
             return
         words.extend((b.OP_OPENAT2, _L | _S | _A, st.ns_fd, self.path_addr, 0, 0, ud, 0, st._how_read_addr, slot + 1))  # fmt: skip
-        if fixed >= 0:
-            words.extend((b.OP_READ_FIXED, rf, slot, addr, bs, 0, ud | 1, 0, fixed, prio))
-            if st.verify:
-                words.extend((
-                    b.OP_READ_FIXED, rf, slot, st._trailer_addr(slot), TRAILER_SIZE, bs, ud | 2, 0,
-                    st._trailer_slot, prio,
-                ))  # fmt: skip
-                self.wants = (bs, TRAILER_SIZE)
-            else:
-                self.wants = (bs,)
-        elif st.verify:
-            iov_addr = st._set_iov(slot, addr)
-            words.extend((b.OP_READV, rf, slot, iov_addr, 2, 0, ud | 1, 0, 0, prio))
-            self.wants = (st.file_size,)
-        else:
-            words.extend((b.OP_READ, rf, slot, addr, bs, 0, ud | 1, 0, 0, prio))
-            self.wants = (bs,)
+        self._transfers(slot, 1, addr, rf, prio, read=True)
         n = 1 + len(self.wants)
         words.extend((b.OP_CLOSE, 0, 0, 0, 0, 0, ud | n, 0, 0, slot + 1))
         self._flags = [_L | _S | _A, *([rf] * len(self.wants)), 0]

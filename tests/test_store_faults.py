@@ -16,6 +16,7 @@ import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from store_helpers import (
@@ -167,6 +168,19 @@ def _chown_tree(path: Path, uid: int) -> None:
             os.chown(os.path.join(dirpath, name), uid, uid, follow_symlinks=False)
 
 
+def _run_nobody(
+    args: dict[str, Any], *, skip_if_refused: bool = True, **popen: Any
+) -> tuple[dict[str, Any], str]:
+    """Run store_helpers' ``nobody`` role; its JSON result and its stderr."""
+    proc = child("nobody", args, **popen)
+    out, err = reap(proc, timeout=60)
+    if skip_if_refused and ("io_uring unavailable" in err or "EngineUnavailable" in err):
+        pytest.skip(f"io_uring refused for an unprivileged user: {err[-300:]}")
+    assert proc.returncode == 0, err
+    res: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return res, err
+
+
 @ONE_LOOP
 async def test_unprivileged_writer_gets_eacces(tmp_path: Path, backend: str) -> None:
     """A store used by uid 65534: a root-owned leaf refuses its writes, a 0700 one its reads."""
@@ -200,12 +214,7 @@ async def test_unprivileged_writer_gets_eacces(tmp_path: Path, backend: str) -> 
             "put_one": bytes.fromhex("abcde3").hex(),
             "get_keys": [secret_key.hex(), blocked_key.hex(), writable_key.hex()],
         }  # fmt: skip
-        proc = child("nobody", args)
-        out, err = reap(proc, timeout=60)
-        if "io_uring unavailable" in err or "EngineUnavailable" in err:
-            pytest.skip(f"io_uring refused for an unprivileged user: {err[-300:]}")
-        assert proc.returncode == 0, err
-        res = json.loads(out.strip().splitlines()[-1])
+        res, _err = _run_nobody(args)
         assert res["uid"] == 65534
         assert res["put_many"] == ["failed", "stored"]
         assert res["put_one"][:2] == ["OSError", errno.EACCES], res["put_one"]
@@ -240,12 +249,7 @@ async def test_fixed_buffers_refused_by_memlock(backend: str) -> None:
             "memlock": 256 * 1024, "put_keys": [k.hex() for k in keys[:3]], "put_one": keys[3].hex(),
             "get_keys": [k.hex() for k in keys],
         }  # fmt: skip
-        proc = child("nobody", args)
-        out, err = reap(proc, timeout=60)
-        if "io_uring unavailable" in err or "EngineUnavailable" in err:
-            pytest.skip(f"io_uring refused for an unprivileged user: {err[-300:]}")
-        assert proc.returncode == 0, err
-        res = json.loads(out.strip().splitlines()[-1])
+        res, err = _run_nobody(args)
         assert res["uid"] == 65534
         assert res["put_many"] == ["stored"] * 3 and res["put_one"] == "stored"
         assert res["get_many"] == ["hit"] * 4 and res["get_ok"] == [True] * 4
@@ -258,10 +262,7 @@ async def test_fixed_buffers_refused_by_memlock(backend: str) -> None:
         # the default engine choice falls back to the thread engine.
         again = {**args, "backend": "auto", "memlock": 0, "put_keys": [], "put_one": keys[0].hex()}
         env = {k: v for k, v in os.environ.items() if k != "KVURING_BACKEND"}
-        proc = child("nobody", again, env=env)
-        out, err = reap(proc, timeout=60)
-        assert proc.returncode == 0, err
-        res = json.loads(out.strip().splitlines()[-1])
+        res, err = _run_nobody(again, skip_if_refused=False, env=env)
         assert res["stats"]["engine"] == "threads", err
         assert res["put_one"] == "exists" and res["get_ok"] == [True] * 4
     finally:

@@ -137,6 +137,18 @@ async def _timed(
     return sw.sample(len(keys) * region.block_size, len(keys), errors), seconds
 
 
+def _store(impl: str, root: str, block_size: int, cfg: BenchConfig) -> BlockStore:
+    """kvuring's store as the benchmark configures it."""
+    return BlockStore(
+        root,
+        block_size,
+        backend=backend_of(impl),
+        verify=cfg.verify,
+        queue_depth=cfg.queue_depth,
+        fixed_buffers=cfg.fixed_buffers,
+    )
+
+
 async def _session(
     impl: str,
     root: str,
@@ -144,19 +156,9 @@ async def _session(
     region: Region,
     batch: int,
     concurrency: int,
-    queue_depth: int,
-    verify: bool,
-    fixed_buffers: bool,
+    cfg: BenchConfig,
 ) -> KvSession:
-    store = BlockStore(
-        root,
-        region.block_size,
-        backend=backend_of(impl),
-        verify=verify,
-        queue_depth=queue_depth,
-        fixed_buffers=fixed_buffers,
-    )
-    async with store:
+    async with _store(impl, root, region.block_size, cfg) as store:
         # Untimed: whatever the store sets up on first use (directories,
         # buffer registration) belongs to a long-lived store, not to this pass.
         warm = warmup_keys(keys, min(batch, 8))
@@ -178,17 +180,7 @@ def kv_session(
     concurrency = max(1, min(cfg.concurrency, len(region.views) // batch))
     return run_on_loop(
         impl,
-        lambda: _session(
-            impl,
-            root,
-            keys,
-            region,
-            batch,
-            concurrency,
-            cfg.queue_depth,
-            cfg.verify,
-            cfg.fixed_buffers,
-        ),
+        lambda: _session(impl, root, keys, region, batch, concurrency, cfg),
         cfg.step_timeout,
     )
 
@@ -199,23 +191,12 @@ async def _latency(
     prefix: Sequence[bytes],
     region: Region,
     bg_keys: Iterator[list[bytes]],
-    bg_batch: int,
-    requests: int,
-    queue_depth: int,
-    verify: bool,
-    fixed_buffers: bool,
+    cfg: BenchConfig,
 ) -> KvLatency:
+    bg_batch, requests = cfg.bg_batch, cfg.latency_requests
     prefix_bufs = region.views[: len(prefix)]
     bg_bufs = region.views[len(prefix) : len(prefix) + bg_batch]
-    store = BlockStore(
-        root,
-        region.block_size,
-        backend=backend_of(impl),
-        verify=verify,
-        queue_depth=queue_depth,
-        fixed_buffers=fixed_buffers,
-    )
-    async with store:
+    async with _store(impl, root, region.block_size, cfg) as store:
         await store.put_many(prefix, prefix_bufs)
         stop = asyncio.Event()
         bg_blocks = 0
@@ -254,17 +235,6 @@ def kv_latency(
     """p50/p99 material: per-request get_prefix time while put_many streams in the background."""
     return run_on_loop(
         impl,
-        lambda: _latency(
-            impl,
-            root,
-            prefix,
-            region,
-            bg_keys,
-            cfg.bg_batch,
-            cfg.latency_requests,
-            cfg.queue_depth,
-            cfg.verify,
-            cfg.fixed_buffers,
-        ),
+        lambda: _latency(impl, root, prefix, region, bg_keys, cfg),
         cfg.step_timeout,
     )
