@@ -1163,6 +1163,15 @@ class BlockStore:
     async def _run(self, units: list[_BlockUnit], batch: _Batch) -> None:
         if not units:
             return
+        self._start(units)
+        try:
+            await batch.fut
+        except asyncio.CancelledError:
+            self._abandon(units)
+            raise
+
+    def _start(self, units: Sequence[_BlockUnit]) -> None:
+        """Hand units to the ring: stores through the gate, loads counted by it."""
         ring = self._ring_for_call()
         gate = self._gate
         if gate is not None and isinstance(units[0], _PutUnit):
@@ -1174,17 +1183,16 @@ class BlockStore:
             ring.start_many(units)
         else:
             ring.start_many(units)
-        try:
-            await batch.fut
-        except asyncio.CancelledError:
-            # Units already in flight finish on their own (their blocks end
-            # up absent or intact); those still queued are dropped.
-            for unit in units:
-                unit.cancelled = True
-                if unit.gated and unit.ticket < 0:  # queued: will never run
-                    unit.gated = False
-                    self._gate_done(unit)
-            raise
+
+    def _abandon(self, units: Sequence[_BlockUnit]) -> None:
+        # The caller was cancelled.  Units already in flight finish on their
+        # own (their blocks end up absent or intact); those still queued are
+        # dropped.
+        for unit in units:
+            unit.cancelled = True
+            if unit.gated and unit.ticket < 0:  # queued: will never run
+                unit.gated = False
+                self._gate_done(unit)
 
     def _gate_start(self, units: Sequence[Unit]) -> None:
         for unit in units:
@@ -1262,7 +1270,7 @@ class BlockStore:
         """
         units = self._put_units(keys, bufs)
         if units and self._offload_hashing(len(units)):
-            await self._sum_puts(units)
+            return await self._run_summed(units)
         return await self._run_many(units)
 
     async def get_many(self, keys: Sequence[bytes | int], bufs: Sequence[Buffer]) -> list[Status]:
@@ -1277,38 +1285,58 @@ class BlockStore:
     def _offload_hashing(self, n: int) -> bool:
         return self.verify and n > 1 and self.block_size >= HASH_OFFLOAD_MIN
 
-    async def _sums(self, views: list[memoryview]) -> list[int]:
-        """xxh3 of each view, spread over the hash threads (xxhash releases the GIL)."""
+    def _hash_pool_get(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._hash_pool is None:
             self._hash_pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=self._hash_threads, thread_name_prefix="kvuring-hash"
             )
+        return self._hash_pool
+
+    async def _sums(self, views: list[memoryview]) -> list[int]:
+        """xxh3 of each view, spread over the hash threads (xxhash releases the GIL)."""
+        pool = self._hash_pool_get()
         loop = asyncio.get_running_loop()
         self._stats["offloaded_checksums"] += len(views)
         k = min(len(views), self._hash_threads)
         parts = await asyncio.gather(
-            *(loop.run_in_executor(self._hash_pool, _checksums, views[i::k]) for i in range(k))
+            *(loop.run_in_executor(pool, _checksums, views[i::k]) for i in range(k))
         )
         out = [0] * len(views)
         for i, part in enumerate(parts):
             out[i::k] = part
         return out
 
-    async def _sum_puts(self, units: list[_BlockUnit]) -> None:
+    async def _run_summed(self, units: list[_BlockUnit]) -> list[Any]:
+        """put_many of big blocks: checksum on the hash threads, and start each
+        group of blocks as soon as its sums are in, so hashing overlaps the writes."""
         puts = [u for u in units if isinstance(u, _PutUnit)]
+        batch = puts[0].batch
         # A bounced block is written from its bounce copy: checksum that.
-        views = [
-            memoryview(u.bounce)[: self.block_size] if u.bounce is not None else u.view
-            for u in puts
-        ]
+        views: list[memoryview] = []
+        for u in puts:
+            view = memoryview(u.bounce)[: self.block_size] if u.bounce is not None else u.view
+            assert view is not None  # pinned until the unit finishes
+            views.append(view)
+        pool = self._hash_pool_get()
+        loop = asyncio.get_running_loop()
+        self._stats["offloaded_checksums"] += len(views)
+        size = -(-len(puts) // (2 * self._hash_threads))  # about two groups per thread
+        groups = [(i, min(i + size, len(puts))) for i in range(0, len(puts), size)]
+        futures = [loop.run_in_executor(pool, _checksums, views[a:b]) for a, b in groups]
+        started = 0
         try:
-            sums = await self._sums(views)  # type: ignore[arg-type]
+            for (a, b), future in zip(groups, futures):
+                for unit, psum in zip(puts[a:b], await future):
+                    unit.psum = psum
+                self._start(puts[a:b])
+                started = b
+            await batch.fut
         except BaseException:
-            for u in puts:  # never started: give their buffers back
-                u._finish(Status.FAILED)
+            for unit in puts[started:]:  # never started: give their buffers back
+                unit._finish(Status.FAILED)
+            self._abandon(puts[:started])
             raise
-        for u, psum in zip(puts, sums):
-            u.psum = psum
+        return batch.results
 
     async def _verify_loads(self, batch: _Batch) -> None:
         """Compare the deferred payload checksums; HIT or CORRUPT (and removed)."""

@@ -8,6 +8,7 @@ CORRUPT and be removed, and nothing else may change.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,3 +99,24 @@ async def test_unaligned_big_blocks_mixed_in(root: Path, backend: str) -> None:
         statuses = await store.get_many(keys, [*targets, *rows_])
         assert statuses == [Status.HIT] * len(keys)
         assert [bytes(t) for t in [*targets, *rows_]] == [payload(k, BS) for k in keys]
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+async def test_cancelled_while_summing(root: Path, backend: str) -> None:
+    """Cancelled while its sums are computed: nothing half-written, buffers given back."""
+    keys = _keys(32, 4)
+    region, bufs = filled_rows(keys, BS)
+    async with opened(root, BS, backend) as store:
+        task = asyncio.ensure_future(store.put_many(keys, bufs))
+        await asyncio.sleep(0)  # hashing has started, no write yet
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # Whatever was stored is whole; the rest stores now.
+        statuses = await store.put_many(keys, bufs)
+        assert set(statuses) <= {Status.STORED, Status.EXISTS}
+        _out, got = rows(len(keys), BS)
+        assert await store.get_many(keys, got) == [Status.HIT] * len(keys)
+        assert [bytes(g) for g in got] == [payload(k, BS) for k in keys]
+    del bufs
+    region.close()  # every pin on it was released
