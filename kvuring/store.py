@@ -14,6 +14,12 @@ Chains (``S`` = CQE_SKIP_SUCCESS, ``L`` = link, ``H`` = hard link, ``A`` = async
     stat   statx
     delete openat2 leaf O_PATH L·S → unlinkat H → close
 
+With ``fixed_buffers=True`` and registered memory, the readv/writev becomes
+two fixed transfers (payload, trailer page).  Payload checksums of blocks of
+256 KiB or more are computed on worker threads (see ``_run_summed`` and
+``_verify_loads``); while loads are in flight the gate in
+:mod:`kvuring._gate` holds back store chains.
+
 A soft-linked step that fails ends its chain, so a rename never follows a
 failed or short write; a follow-up chain then closes and unlinks the temp
 file.  The temp file sits beside its final name, so publishing is a rename
