@@ -107,12 +107,5 @@ def read_trailer(page: memoryview, kb: bytes, length: int) -> tuple[str | None, 
     return None, int(psum)
 
 
-def check_trailer(page: memoryview, kb: bytes, payload: memoryview) -> str | None:
-    """None when trailer and payload agree with each other and with the key; else why not."""
-    why, psum = read_trailer(page, kb, len(payload))
-    if why is None and psum != checksum(payload):
-        why = PAYLOAD_MISMATCH
-    return why
-
-
+#: why a load is CORRUPT when only the payload's checksum disagrees
 PAYLOAD_MISMATCH = "payload checksum mismatch"
