@@ -30,7 +30,7 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,24 +274,15 @@ async def serve_all(args: argparse.Namespace) -> int:
     return 0
 
 
-def run(main: Callable[[], Coroutine[Any, Any, int]], loop_name: str) -> int:
-    """Run ``main()`` to completion on a fresh asyncio or uvloop event loop."""
-    loop: asyncio.AbstractEventLoop
+def run(main: Coroutine[Any, Any, int], loop_name: str) -> int:
+    """Run ``main`` to completion on a fresh asyncio or uvloop event loop."""
     if loop_name == "uvloop":
         import uvloop
 
-        loop = uvloop.new_event_loop()
-    else:
-        loop = asyncio.new_event_loop()
-    try:
-        asyncio.set_event_loop(loop)
-        return loop.run_until_complete(main())
-    finally:
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        asyncio.set_event_loop(None)
-        loop.close()
+        return uvloop.run(main)
+    return asyncio.run(main)
 
 
 if __name__ == "__main__":
     arguments = parse_args()
-    sys.exit(run(lambda: serve_all(arguments), arguments.loop))
+    sys.exit(run(serve_all(arguments), arguments.loop))

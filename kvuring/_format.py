@@ -43,6 +43,8 @@ checksum = xxhash.xxh3_64_intdigest
 
 def key_bytes(key: object) -> bytes:
     """The canonical bytes of a key: ``bytes`` as is, an ``int`` as minimal big-endian bytes."""
+    if type(key) is bytes and 1 <= len(key) <= MAX_KEY_BYTES:
+        return key  # the common case, without a copy
     if isinstance(key, bytes):
         if not 1 <= len(key) <= MAX_KEY_BYTES:
             raise ValueError(f"key must be 1 to {MAX_KEY_BYTES} bytes, got {len(key)}")
@@ -57,12 +59,12 @@ def key_bytes(key: object) -> bytes:
     raise TypeError(f"key must be bytes or int, not {type(key).__name__}")
 
 
-def block_relpath(kb: bytes, suffix: str) -> tuple[str, str]:
+def block_relpath(kb: bytes, suffix: bytes) -> tuple[bytes, bytes]:
     """(leaf directory, file path) relative to the namespace: ``abc/de``, ``abc/de/<hex><suffix>``."""
-    hexed = kb.hex()
-    fan = hexed if len(hexed) >= 5 else hexed.ljust(5, "0")
-    leaf = f"{fan[0:3]}/{fan[3:5]}"
-    return leaf, f"{leaf}/{hexed}{suffix}"
+    hexed = kb.hex().encode()
+    fan = hexed if len(hexed) >= 5 else hexed.ljust(5, b"0")
+    leaf = fan[0:3] + b"/" + fan[3:5]
+    return leaf, leaf + b"/" + hexed + suffix
 
 
 def check_namespace(namespace: object) -> str:

@@ -46,7 +46,6 @@ from typing import Any
 from kvuring import _binding as b
 from kvuring._driver import Unit
 from kvuring._format import (
-    MAX_KEY_BYTES,
     PAYLOAD_MISMATCH,
     RAW_SUFFIX,
     TRAILER_SIZE,
@@ -192,11 +191,7 @@ class _BlockUnit(Unit):
     def __init__(
         self, store: BlockStore, batch: _Batch, index: int, kb: bytes, path: bytes
     ) -> None:
-        # Unit.__init__, inlined: one call less per block.
-        self.ticket = -1
-        self.cancelled = False
-        self._ud = 0
-        self._loud = False
+        super().__init__()
         self.store = store
         self.batch = batch
         self.index = index
@@ -1122,6 +1117,8 @@ class BlockStore:
         views = []
         size = self.block_size
         last: object = None
+        # aligned_buffer regions are registered on first sight (fixed buffers only).
+        fixed = self._fixed if self._fixed_ready else None
         for buf in bufs:
             try:
                 view = memoryview(buf)  # type: ignore[arg-type]
@@ -1138,28 +1135,20 @@ class BlockStore:
             if not view.c_contiguous:
                 raise ValueError("buffer must be C-contiguous")
             views.append(view if view.format == "B" and view.ndim == 1 else view.cast("B"))
-            owner = view.obj
-            if owner is not last and isinstance(owner, AlignedBuffer):
-                last = owner
-                fixed = self._fixed
-                if fixed is not None and self._fixed_ready and not fixed.known(owner):
-                    fixed.add(owner)
+            if fixed is not None and view.obj is not last and isinstance(view.obj, AlignedBuffer):
+                last = view.obj
+                if not fixed.known(last):
+                    fixed.add(last)
         return views
 
     def _paths(self, keys: Sequence[object]) -> list[tuple[bytes, bytes, bytes]]:
         if isinstance(keys, (bytes, str, int)):
             raise TypeError("keys must be a sequence of keys, not a single key")
-        out = []
         suffix = self.suffix.encode()
+        out = []
         for key in keys:
-            kb = key if type(key) is bytes and 0 < len(key) <= MAX_KEY_BYTES else key_bytes(key)
-            hexed = kb.hex().encode()
-            if len(hexed) >= 5:
-                leaf = hexed[:3] + b"/" + hexed[3:5]
-                out.append((kb, leaf, leaf + b"/" + hexed + suffix))
-            else:
-                leaf_s, path_s = block_relpath(kb, self.suffix)
-                out.append((kb, leaf_s.encode(), path_s.encode()))
+            kb = key_bytes(key)
+            out.append((kb, *block_relpath(kb, suffix)))
         return out
 
     def _pair(self, keys: Sequence[object], bufs: Sequence[object]) -> None:

@@ -12,7 +12,6 @@ to the sequence written down from the kernel's rules.
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import uring_unavailable
 
 from kvuring import _binding as b
 from kvuring._driver import Driver, Unit
@@ -34,17 +34,6 @@ from kvuring.engine import (
     open_engine,
     resolve_backend,
 )
-
-
-@functools.cache
-def uring_unavailable() -> str | None:
-    """Why io_uring cannot be used here, or None (the conftest fixture skips the same way)."""
-    try:
-        open_engine("uring").close()
-    except OSError as exc:
-        return str(exc)
-    return None
-
 
 needs_uring = pytest.mark.skipif(
     uring_unavailable() is not None, reason=f"io_uring unavailable: {uring_unavailable()}"
