@@ -25,6 +25,7 @@ from store_helpers import (
     child,
     filled_rows,
     immutable,
+    need_tool,
     new_root,
     opened,
     payload,
@@ -276,9 +277,8 @@ async def test_fixed_buffers_refused_by_memlock(backend: str) -> None:
 
 @ONE_LOOP
 async def test_io_errors_from_the_device(tmp_path: Path, backend: str) -> None:
-    for tool in ("losetup", "mkfs.ext4"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not found")
+    for tool in ("losetup", "mkfs.ext4", "mount"):
+        need_tool(tool)
     bs = 64 * 1024
     with tmpfs(tmp_path / "back", "80m") as back:
         image = back / "disk.img"
