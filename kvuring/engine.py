@@ -381,11 +381,7 @@ class Ring(Engine):
             _check(b.lib.io_uring_register_buffers_sparse(self._ring, BUFFER_SLOTS),
                    "register_buffers_sparse")  # fmt: skip
             self._buffer_table = True
-        iov = b.ffi.new("struct iovec *")
-        iov.iov_base = b.ffi.cast("void *", addr)
-        iov.iov_len = length
-        res = b.lib.io_uring_register_buffers_update_tag(self._ring, index, iov, b.ffi.NULL, 1)
-        _check(res if res < 0 else 0, "register_buffers_update")
+        _check(b.lib.kvu_register_buffer(self._ring, index, addr, length), "register_buffers_update")
 
     def close(self) -> None:
         """Release the ring; idempotent.  Drain in-flight work first (the driver does)."""
