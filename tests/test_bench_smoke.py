@@ -1,17 +1,32 @@
 """The benchmark runs end to end at tiny sizes and writes its three reports.
 
-Numbers are never checked: on a shared CI machine they mean nothing.
+Numbers are never checked: on a shared CI machine they mean nothing.  Also
+here: the C pool program on its own.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
+import pytest
+
 import kvuring
+from kvuring.bench import cpool
+from kvuring.bench.workload import make_keys
 from kvuring.cli import main
+
+needs_cc = pytest.mark.skipif(cpool.compiler() is None, reason="no C compiler (cc) on PATH")
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every test compiles the C pool afresh (with -Werror), into its own cache.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
 
 FIGURE_KEYS = {
     "impl",
@@ -34,6 +49,8 @@ def _expected_impls() -> set[str]:
             impls.add("kvuring-uvloop")
     if shutil.which("fio"):
         impls.add("fio")
+    if cpool.compiler() is not None:
+        impls.add("cpool")
     return impls
 
 
@@ -65,6 +82,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
             assert rows[(impl, op)].keys() >= FIGURE_KEYS
             assert rows[(impl, op)]["block_size"] == 64 * 1024
     assert rows[("kvuring-threads", "store")]["vs_pool"] is not None
+    if "cpool" in expected:
+        assert rows[("kvuring-threads", "store")]["vs_cpool"] is not None
 
     latency = result["latency"]["impls"]
     assert expected - {"fio"} <= latency.keys()
@@ -76,3 +95,75 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert (out / "results.png").stat().st_size > 0
     # The run cleans up after itself unless --keep.
     assert list(data.iterdir()) == []
+
+
+@needs_cc
+def test_bench_smoke_cpool(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    data = tmp_path / "data"
+    data.mkdir()
+    argv = ["bench", "--smoke", "--no-progress", "--impls", "cpool,seed-pool,kvuring-threads"]
+    assert main([*argv, "--dir", str(data), "--out", str(out)]) == 0
+
+    result = json.loads((out / "results.json").read_text())
+    assert result["unavailable"] == {}
+    rows = {(r["impl"], r["op"]): r for r in result["results"]}
+    blocks = result["config"]["bytes_per_size"] // (64 * 1024)
+    for op in ("store", "load"):
+        row = rows[("cpool", op)]
+        assert row.keys() >= FIGURE_KEYS
+        assert row["errors"] == 0
+        assert row["rounds"][0]["blocks"] == blocks
+        assert row["vs_pool"] is not None
+        assert rows[("seed-pool", op)]["vs_cpool"] is not None
+        assert rows[("kvuring-threads", op)]["vs_cpool"] is not None
+        (stats,) = result["cpool_stats"][f"64K/{op}"]
+        assert stats["threads"] == 16
+        assert stats["startup_cpu_s"] == result["cpool_startup_cpu_s"]["65536"][op]
+    latency = result["latency"]["impls"]["cpool"]
+    assert latency["count"] == result["config"]["latency_requests"]
+    assert latency["errors"] == 0 and latency["background_blocks"] > 0
+    checks = [t for t in result["targets"] if "C pool" in t["check"]]
+    # Only 64 KiB ran: its C pool checks have ratios, the 2 MiB ones none.
+    small = [t for t in checks if t["group"].startswith("64 KiB")]
+    assert small and all(t["results"]["kvuring-threads"]["ratio"] for t in small)
+    md = (out / "results.md").read_text()
+    assert "GB/s x C pool" in md and "| 64 KiB | cpool |" in md
+    assert list(data.iterdir()) == []
+
+
+def _block_file(root: Path, key: bytes) -> Path:
+    name = key.hex()
+    return root / name[:3] / name[3:5] / f"{name}.bin"
+
+
+@needs_cc
+def test_cpool_program(tmp_path: Path) -> None:
+    exe = cpool.build()
+    stamp = os.stat(exe).st_mtime_ns
+    assert cpool.build() == exe and os.stat(exe).st_mtime_ns == stamp  # cached
+
+    bs = 64 * 1024
+    pool = cpool.CPool(exe, bs, threads=4, slots=8, timeout=60)
+    root = tmp_path / "store"
+    root.mkdir()
+    warm, keys = make_keys("warm", 2), make_keys("keys", 20)
+    stored, stats = pool.phase("store", str(root), warm, keys, startup_cpu=0.0)
+    assert (stored.blocks, stored.errors, stored.nbytes) == (20, 0, 20 * bs)
+    assert stats["threads"] == 4 and stats["process_cpu_s"] >= stats["phase_self_cpu_s"]
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    assert files == sorted(_block_file(root, k) for k in [*warm, *keys])
+    assert all(p.stat().st_size == bs for p in files)
+
+    loaded, _ = pool.phase("load", str(root), warm, keys, startup_cpu=0.0)
+    assert (loaded.blocks, loaded.errors) == (20, 0)
+    # Present blocks are skipped, not rewritten.
+    inode = _block_file(root, keys[0]).stat().st_ino
+    again, _ = pool.phase("store", str(root), warm, keys, startup_cpu=0.0)
+    assert again.errors == 0 and _block_file(root, keys[0]).stat().st_ino == inode
+    missing, _ = pool.phase("load", str(root), warm, make_keys("absent", 5), startup_cpu=0.0)
+    assert (missing.blocks, missing.errors) == (5, 5)
+
+    seconds, errors, bg_blocks = pool.latency(str(root), keys[:4], requests=3, bg_batch=4)
+    assert len(seconds) == 3 and errors == 0 and bg_blocks >= 4
+    assert not list(root.rglob("*.tmp"))

@@ -19,11 +19,12 @@ KV_ASYNCIO = "kvuring-asyncio"
 KV_UVLOOP = "kvuring-uvloop"
 KV_THREADS = "kvuring-threads"
 SEED = "seed-pool"
+CPOOL = "cpool"
 FIO = "fio"
 KV_IMPLS: tuple[str, ...] = (KV_ASYNCIO, KV_UVLOOP, KV_THREADS)
-ALL_IMPLS: tuple[str, ...] = (*KV_IMPLS, SEED, FIO)
+ALL_IMPLS: tuple[str, ...] = (*KV_IMPLS, SEED, CPOOL, FIO)
 # fio has no key/value layer, so it has no prefix-load figure.
-LATENCY_IMPLS: tuple[str, ...] = (*KV_IMPLS, SEED)
+LATENCY_IMPLS: tuple[str, ...] = (*KV_IMPLS, SEED, CPOOL)
 
 OPS: tuple[str, ...] = ("store", "load")
 
@@ -38,6 +39,7 @@ class BenchConfig:
     batch: int
     concurrency: int
     pool_threads: int
+    cpool_threads: int
     queue_depth: int
     fio_iodepth: int
     impls: tuple[str, ...]
@@ -66,6 +68,7 @@ class BenchConfig:
             "batch": self.batch,
             "concurrency": self.concurrency,
             "pool_threads": self.pool_threads,
+            "cpool_threads": self.cpool_threads,
             "queue_depth": self.queue_depth,
             "fio_iodepth": self.fio_iodepth,
             "impls": list(self.impls),
@@ -188,6 +191,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--threads", type=_positive_int, default=16, help="seed thread-pool size (%(default)s)")
     add(
+        "--cpool-threads",
+        type=_positive_int,
+        default=16,
+        help="threads of the C pool (cpool) (%(default)s)",
+    )
+    add(
         "--queue-depth",
         type=_positive_int,
         default=256,
@@ -270,6 +279,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         batch=_pick(args, "batch"),
         concurrency=_pick(args, "concurrency"),
         pool_threads=args.threads,
+        cpool_threads=args.cpool_threads,
         queue_depth=args.queue_depth,
         fio_iodepth=args.fio_iodepth,
         impls=tuple(args.impls),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from kvuring.bench.config import FIO, OPS, SEED, BenchConfig
+from kvuring.bench.config import CPOOL, FIO, OPS, SEED, BenchConfig
 from kvuring.bench.measure import GB, latency_summary, summarize
 from kvuring.bench.runner import Collected
 from kvuring.bench.targets import evaluate
@@ -33,6 +33,8 @@ def _figures(cfg: BenchConfig, data: Collected) -> list[dict[str, Any]]:
                 row: dict[str, Any] = {"impl": impl, "block_size": bs, "op": op, **summary}
                 if impl != SEED:
                     row["vs_pool"] = _ratios(summary, summaries.get(SEED))
+                if impl != CPOOL:
+                    row["vs_cpool"] = _ratios(summary, summaries.get(CPOOL))
                 if impl != FIO:
                     row["vs_fio"] = _ratios(summary, summaries.get(FIO))
                 batch = data.batch_seconds.get((impl, bs, op))
@@ -100,6 +102,8 @@ def build_result(
         "latency": latency,
         "targets": evaluate(fig, lat, machine["filesystem"]["type"], measured),
         "fio_startup_cpu_s": {str(k): v for k, v in data.fio_startup_cpu.items()},
+        "cpool_startup_cpu_s": {str(k): v for k, v in data.cpool_startup_cpu.items()},
+        "cpool_stats": data.cpool_stats,
         "store_stats": data.store_stats,
         "data_dir": data_dir,
         "data_kept": kept,

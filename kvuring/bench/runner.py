@@ -17,8 +17,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvuring.bench import cpool as cpool_mod
 from kvuring.bench import fio as fio_mod
-from kvuring.bench.config import FIO, KV_UVLOOP, LATENCY_IMPLS, SEED, BenchConfig, format_size
+from kvuring.bench.config import (
+    CPOOL,
+    FIO,
+    KV_UVLOOP,
+    LATENCY_IMPLS,
+    SEED,
+    BenchConfig,
+    format_size,
+)
 from kvuring.bench.kv import StepTimeout, kv_latency, kv_session
 from kvuring.bench.measure import Sample
 from kvuring.bench.seed import SeedPool
@@ -43,6 +52,8 @@ class Collected:
     unavailable: dict[str, str] = field(default_factory=dict)
     store_stats: dict[str, Any] = field(default_factory=dict)
     fio_startup_cpu: dict[int, float] = field(default_factory=dict)
+    cpool_startup_cpu: dict[int, dict[str, float]] = field(default_factory=dict)
+    cpool_stats: dict[str, Any] = field(default_factory=dict)
 
     def add(self, impl: str, block_size: int, op: str, sample: Sample) -> None:
         self.samples.setdefault((impl, block_size, op), []).append(sample)
@@ -79,6 +90,7 @@ class Runner:
         self.cfg = cfg
         self.root = root
         self.data = Collected()
+        self._cpool_exe = ""
         self.impls = self._available_impls()
         self._regions: dict[int, Region] = {}
         self._fio_files: dict[int, str] = {}
@@ -86,12 +98,20 @@ class Runner:
     def _available_impls(self) -> tuple[str, ...]:
         impls = []
         for impl in self.cfg.impls:
-            reason = _missing_dependency(impl)
+            reason = self._build_cpool() if impl == CPOOL else _missing_dependency(impl)
             if reason:
                 self.data.unavailable[impl] = reason
             else:
                 impls.append(impl)
         return tuple(impls)
+
+    def _build_cpool(self) -> str | None:
+        # Compiled here, before any step, so no timing ever includes it.
+        try:
+            self._cpool_exe = cpool_mod.build()
+        except cpool_mod.CPoolError as exc:
+            return str(exc)
+        return None
 
     # --- schedule ---------------------------------------------------------
 
@@ -101,6 +121,11 @@ class Runner:
         if FIO in self.impls:
             steps += [
                 Step(FIO, f"prepare fio {_label(bs)}", self._fio_prepare(bs))
+                for bs in cfg.block_sizes
+            ]
+        if CPOOL in self.impls:
+            steps += [
+                Step(CPOOL, f"prepare cpool {_label(bs)}", self._cpool_prepare(bs))
                 for bs in cfg.block_sizes
             ]
         for rnd in range(cfg.rounds):
@@ -183,12 +208,29 @@ class Runner:
 
         return run
 
+    def _cpool(self, bs: int) -> cpool_mod.CPool:
+        return cpool_mod.CPool(
+            self._cpool_exe, bs, self.cfg.cpool_threads, self._slots(bs), self.cfg.step_timeout
+        )
+
+    def _cpool_prepare(self, bs: int) -> Callable[[], None]:
+        # The program's start-up CPU (taken off each pass's), as fio's.
+        def run() -> None:
+            root = os.path.join(self.root, f"cpool-startup-{_label(bs)}")
+            os.makedirs(root)
+            warm = make_keys(f"warmup/cpool-startup/{bs}", min(self.cfg.batch, 8))
+            self.data.cpool_startup_cpu[bs] = self._cpool(bs).startup_cpu(root, warm)
+
+        return run
+
     def _throughput(self, rnd: int, bs: int, impl: str) -> Callable[[], None]:
         def run() -> None:
             if impl == FIO:
                 self._run_fio(bs)
             elif impl == SEED:
                 self._run_seed(rnd, bs)
+            elif impl == CPOOL:
+                self._run_cpool(rnd, bs)
             else:
                 self._run_kv(rnd, bs, impl)
 
@@ -215,6 +257,17 @@ class Runner:
             for op in ("store", "load"):
                 self.data.add(SEED, bs, op, pool.timed_phase(op, keys, bufs, bs))
 
+    def _run_cpool(self, rnd: int, bs: int) -> None:
+        keys = make_keys(f"{rnd}/{CPOOL}/{bs}", self.cfg.blocks_for(bs))
+        warm = warmup_keys(keys, min(self.cfg.batch, 8))
+        root = self._dir(rnd, f"{CPOOL}-{_label(bs)}")
+        pool = self._cpool(bs)
+        startup = self.data.cpool_startup_cpu.get(bs, {})
+        for op in ("store", "load"):
+            sample, stats = pool.phase(op, root, warm, keys, startup.get(op, 0.0))
+            self.data.add(CPOOL, bs, op, sample)
+            self.data.cpool_stats.setdefault(f"{_label(bs)}/{op}", []).append(stats)
+
     def _run_kv(self, rnd: int, bs: int, impl: str) -> None:
         cfg = self.cfg
         keys = make_keys(f"{rnd}/{impl}/{bs}", cfg.blocks_for(bs))
@@ -236,6 +289,11 @@ class Runner:
             bg_keys = key_batches(f"lat/{rnd}/{impl}/bg", cfg.bg_batch)
             if impl == SEED:
                 seconds, errors, bg_blocks = self._seed_latency(root, prefix, region, bg_keys)
+            elif impl == CPOOL:
+                bs = cfg.latency_block_size
+                seconds, errors, bg_blocks = self._cpool(bs).latency(
+                    root, prefix, cfg.latency_requests, cfg.bg_batch
+                )
             else:
                 result = kv_latency(impl, root, prefix, region, bg_keys, cfg)
                 seconds, errors, bg_blocks = result.seconds, result.errors, result.bg_blocks

@@ -1,4 +1,8 @@
-"""The issue's performance targets, evaluated on medians for each kvuring implementation."""
+"""The issues' performance targets, evaluated on medians for each kvuring implementation.
+
+Against the Python pool and fio (the first targets), and against the C pool
+(issue 9: the thread pool of vLLM's filesystem tier, in C).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kvuring.bench.config import FIO, KIB, KV_IMPLS, MIB, SEED
+from kvuring.bench.config import CPOOL, FIO, KIB, KV_IMPLS, MIB, SEED
 
 # Filesystems whose data lives in memory: the "tmpfs" rows apply to them.
 MEMORY_FS = frozenset({"tmpfs", "ramfs"})
@@ -36,11 +40,104 @@ def _versus(ref: str, bs: int, op: str, field: str) -> Ratio:
     return ratio
 
 
-def _p99_vs_pool_p50(_fig: Figure, lat: Latency, impl: str) -> float | None:
-    mine, theirs = lat(impl, "p99_ms"), lat(SEED, "p50_ms")
-    if mine is None or not theirs:
-        return None
-    return mine / theirs
+def _p99_vs_p50(ref: str) -> Ratio:
+    def ratio(_fig: Figure, lat: Latency, impl: str) -> float | None:
+        mine, theirs = lat(impl, "p99_ms"), lat(ref, "p50_ms")
+        if mine is None or not theirs:
+            return None
+        return mine / theirs
+
+    return ratio
+
+
+_p99_vs_pool_p50 = _p99_vs_p50(SEED)
+
+
+def _cpool_checks() -> list[Check]:
+    """Issue 9's targets: kvuring against the C pool."""
+    small, big = 64 * KIB, 2 * MIB
+
+    def at_least(group: str, text: str, mem: bool | None, bound: float, ratio: Ratio) -> Check:
+        return Check(group, text, mem, bound, False, ratio)
+
+    def at_most(group: str, text: str, mem: bool | None, bound: float, ratio: Ratio) -> Check:
+        return Check(group, text, mem, bound, True, ratio)
+
+    checks = [
+        at_least(
+            "64 KiB, tmpfs, C pool",
+            "stores/s ≥ 1.0 x the C pool's",
+            True,
+            1.0,
+            _versus(CPOOL, small, "store", "blocks_per_s"),
+        ),
+        at_least(
+            "64 KiB, tmpfs, C pool",
+            "loads/s ≥ 0.8 x the C pool's",
+            True,
+            0.8,
+            _versus(CPOOL, small, "load", "blocks_per_s"),
+        ),
+        at_least(
+            "64 KiB, tmpfs, C pool",
+            "loads/s ≥ 1.0 x the C pool's (aim here; the 16-core machine's target)",
+            True,
+            1.0,
+            _versus(CPOOL, small, "load", "blocks_per_s"),
+        ),
+        at_least(
+            "64 KiB, disk, C pool",
+            "stores/s ≥ 1.3 x the C pool's",
+            False,
+            1.3,
+            _versus(CPOOL, small, "store", "blocks_per_s"),
+        ),
+        at_least(
+            "64 KiB, disk, C pool",
+            "loads/s ≥ 1.1 x the C pool's",
+            False,
+            1.1,
+            _versus(CPOOL, small, "load", "blocks_per_s"),
+        ),
+    ]
+    for mem, where, bound in ((False, "disk", 1.0), (True, "tmpfs", 1.2)):
+        checks += [
+            at_most(
+                f"64 KiB, {where}, C pool",
+                f"{op} CPU s/GB ≤ {bound:.1f} x the C pool's",
+                mem,
+                bound,
+                _versus(CPOOL, small, op, "cpu_s_per_gb"),
+            )
+            for op in ("store", "load")
+        ]
+    for op in ("store", "load"):
+        checks += [
+            at_least(
+                "2 MiB, C pool",
+                f"{op}s GB/s ≥ 1.0 x the C pool's",
+                None,
+                1.0,
+                _versus(CPOOL, big, op, "gb_per_s"),
+            ),
+            at_most(
+                "2 MiB, C pool",
+                f"{op} CPU s/GB ≤ 1.2 x the C pool's",
+                None,
+                1.2,
+                _versus(CPOOL, big, op, "cpu_s_per_gb"),
+            ),
+        ]
+    checks.append(
+        at_most(
+            "prefix load under background stores, C pool",
+            "p99 ≤ the C pool's p50",
+            None,
+            1.0,
+            _p99_vs_p50(CPOOL),
+        )
+    )
+    return checks
 
 
 def _large_block_checks() -> list[Check]:
@@ -144,6 +241,7 @@ def all_checks() -> list[Check]:
             True,
             _p99_vs_pool_p50,
         ),
+        *_cpool_checks(),
     ]
 
 
