@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 
 Handler = Callable[[argparse.Namespace], int]
@@ -32,8 +33,10 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
     parser = sub.add_parser(
         "bench",
-        help="benchmark kvuring against a thread pool and fio",
-        description="Benchmark kvuring against the thread-pool seed and fio.",
+        help="benchmark kvuring against thread pools (Python, C) and fio",
+        description="Benchmark kvuring against the Python thread-pool seed, a C thread "
+        "pool doing vLLM's per-block system calls, and fio. Needs the bench extra for "
+        "its progress bar and chart: pip install 'kvuring[bench]'.",
     )
     add_arguments(parser)
     parser.set_defaults(handler=_cmd_bench)
@@ -57,7 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
-    return handler(args)
+    try:
+        return handler(args)
+    except ImportError as exc:
+        # An optional package a subcommand reached for without checking first:
+        # name the extra that brings it rather than print a traceback.
+        from kvuring.bench.extras import PURPOSE, MissingExtra
+
+        top = (exc.name or "").partition(".")[0]
+        if top not in PURPOSE:
+            raise
+        print(f"kvuring {args.command}: {MissingExtra(top)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

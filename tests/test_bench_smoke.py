@@ -1,21 +1,26 @@
 """The benchmark runs end to end at tiny sizes and writes its three reports.
 
 Numbers are never checked: on a shared CI machine they mean nothing.  Also
-here: the C pool program on its own.
+here: the C pool program on its own, and the ``kvuring`` command without
+the ``bench`` extra (tqdm, matplotlib, uvloop blocked from importing).
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import kvuring
-from kvuring.bench import cpool
+from kvuring.bench import check_extras, cpool
+from kvuring.bench.config import add_arguments, config_from_args
 from kvuring.bench.workload import make_keys
 from kvuring.cli import main
 
@@ -167,3 +172,69 @@ def test_cpool_program(tmp_path: Path) -> None:
     seconds, errors, bg_blocks = pool.latency(str(root), keys[:4], requests=3, bg_batch=4)
     assert len(seconds) == 3 and errors == 0 and bg_blocks >= 4
     assert not list(root.rglob("*.tmp"))
+
+
+# --- without the bench extra ------------------------------------------------
+
+EXTRAS = ("tqdm", "matplotlib", "uvloop")
+# Runs the kvuring command with the modules named in argv[1] unimportable.
+_BLOCKED = (
+    "import sys\n"
+    "for name in sys.argv[1].split(','):\n"
+    "    sys.modules[name] = None\n"
+    "from kvuring.cli import main\n"
+    "raise SystemExit(main(sys.argv[2:]))\n"
+)
+
+
+def _kvuring(blocked: tuple[str, ...], *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-c", _BLOCKED, ",".join(blocked), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=120, check=False)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"], ["info", "--help"], ["info"]])
+def test_cli_without_extras(tmp_path: Path, argv: list[str]) -> None:
+    proc = _kvuring(EXTRAS, *argv, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bench_without_tqdm_names_the_extra(tmp_path: Path) -> None:
+    proc = _kvuring(EXTRAS, "bench", "--smoke", "--dir", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "pip install 'kvuring[bench]'" in proc.stderr and "--no-progress" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # stopped before making anything
+
+
+def test_bench_uvloop_named_without_uvloop(tmp_path: Path) -> None:
+    argv = ["bench", "--smoke", "--no-progress", "--impls", "kvuring-uvloop"]
+    proc = _kvuring(("uvloop",), *argv, "--dir", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "uvloop" in proc.stderr and "pip install 'kvuring[bench]'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bench_no_progress_without_extras(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    out = tmp_path / "out"
+    argv = ["bench", "--smoke", "--no-progress", "--impls", "seed-pool", "--no-latency"]
+    proc = _kvuring(EXTRAS, *argv, "--dir", str(data), "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "no chart (results.png): matplotlib is not installed" in proc.stderr
+    assert "png: not written: matplotlib cannot be imported" in proc.stdout
+    assert "pip install 'kvuring[bench]'" in proc.stdout
+    assert (out / "results.json").is_file() and not (out / "results.png").exists()
+
+
+def test_default_impls_skip_uvloop_with_a_note(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--smoke", "--dir", str(tmp_path)])
+    assert check_extras(config_from_args(args), impls_named=False) is None
+    assert "kvuring-uvloop is skipped: uvloop is not installed" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""``python -m kvuring.bench``: kvuring against the thread-pool seed and fio.
+"""``python -m kvuring.bench``: kvuring against the thread-pool seed, the C pool and fio.
 
 Only argument handling is imported here; the benchmark's modules load when
 it runs, so the ``kvuring`` command stays quick for other subcommands.
@@ -13,7 +13,14 @@ from typing import Any
 
 from kvuring.bench.config import BenchConfig, add_arguments, config_from_args
 
-__all__ = ["BenchConfig", "add_arguments", "main", "run_benchmark", "run_from_args"]
+__all__ = [
+    "BenchConfig",
+    "add_arguments",
+    "check_extras",
+    "main",
+    "run_benchmark",
+    "run_from_args",
+]
 
 
 def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
@@ -41,28 +48,55 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
             shutil.rmtree(root, ignore_errors=True)
 
 
+def check_extras(cfg: BenchConfig, impls_named: bool) -> str | None:
+    """Before any work: why the run cannot go on (exit 2), or None; notes go to stderr.
+
+    tqdm is needed only for the progress bar, uvloop only for kvuring-uvloop
+    (skipped unless named in --impls), matplotlib only for the chart.
+    """
+    from kvuring.bench.config import KV_UVLOOP
+    from kvuring.bench.extras import MissingExtra, missing
+
+    if cfg.progress and missing("tqdm"):
+        return str(MissingExtra("tqdm", "or run with --no-progress"))
+    if KV_UVLOOP in cfg.impls and (why := missing("uvloop")):
+        if impls_named:
+            return str(MissingExtra("uvloop", f"or leave {KV_UVLOOP} out of --impls"))
+        print(f"kvuring bench: {KV_UVLOOP} is skipped: {why}", file=sys.stderr)
+    if why := missing("matplotlib"):
+        print(f"kvuring bench: no chart (results.png): {why}", file=sys.stderr)
+    return None
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """Run with parsed options, write the reports, print the markdown; the exit status."""
+    from kvuring.bench.extras import MissingExtra
     from kvuring.bench.report import markdown, write_reports
     from kvuring.bench.runner import BenchError
 
     cfg = config_from_args(args)
+    problem = check_extras(cfg, impls_named=args.impls is not None)
+    if problem:
+        print(f"kvuring bench: {problem}", file=sys.stderr)
+        return 2
     try:
         result = run_benchmark(cfg)
-    except BenchError as exc:
+    except (BenchError, MissingExtra) as exc:
         print(f"kvuring bench: {exc}", file=sys.stderr)
         return 2
-    paths = write_reports(result, cfg.out_dir)
+    paths, skipped = write_reports(result, cfg.out_dir)
     print(markdown(result))
     for kind, path in paths.items():
         print(f"{kind}: {path}")
+    for kind, reason in skipped.items():
+        print(f"{kind}: {reason}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m kvuring.bench",
-        description="Benchmark kvuring against a thread-pool block store and fio.",
+        description="Benchmark kvuring against thread-pool block stores (Python, C) and fio.",
     )
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv))

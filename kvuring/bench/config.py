@@ -206,8 +206,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--impls",
         type=_impl_list,
-        default=ALL_IMPLS,
-        help=f"comma-separated subset of {','.join(ALL_IMPLS)}",
+        default=None,
+        help=f"comma-separated subset of {','.join(ALL_IMPLS)} (default: all)",
     )
     add("--no-latency", action="store_true", help="skip the prefix-load-under-stores test")
     add(
@@ -282,7 +282,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         cpool_threads=args.cpool_threads,
         queue_depth=args.queue_depth,
         fio_iodepth=args.fio_iodepth,
-        impls=tuple(args.impls),
+        impls=tuple(args.impls or ALL_IMPLS),
         latency=not args.no_latency,
         latency_block_size=_pick(args, "latency_block"),
         latency_prefix=args.latency_prefix,

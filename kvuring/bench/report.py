@@ -268,19 +268,27 @@ def write_chart(result: dict[str, Any], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_reports(result: dict[str, Any], out_dir: str) -> dict[str, str]:
-    """Write all three files; returns their paths by kind (no 'png' if matplotlib is missing)."""
+def write_reports(result: dict[str, Any], out_dir: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Write all three files: the paths written by kind, and why any kind was not written.
+
+    The chart needs matplotlib (the ``bench`` extra); without it the other two
+    are still written and the reason is returned under ``png``.
+    """
+    from kvuring.bench.extras import BENCH_EXTRA
+
     os.makedirs(out_dir, exist_ok=True)
     paths = {
         "json": os.path.join(out_dir, "results.json"),
         "md": os.path.join(out_dir, "results.md"),
         "png": os.path.join(out_dir, "results.png"),
     }
+    skipped: dict[str, str] = {}
     write_json(result, paths["json"])
     with open(paths["md"], "w", encoding="utf-8") as out:
         out.write(markdown(result))
     try:
         write_chart(result, paths["png"])
-    except ImportError:
+    except ImportError as exc:
         del paths["png"]
-    return paths
+        skipped["png"] = f"not written: matplotlib cannot be imported ({exc}); {BENCH_EXTRA}"
+    return paths, skipped

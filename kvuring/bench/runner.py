@@ -28,6 +28,7 @@ from kvuring.bench.config import (
     BenchConfig,
     format_size,
 )
+from kvuring.bench.extras import MissingExtra, missing
 from kvuring.bench.kv import StepTimeout, kv_latency, kv_session
 from kvuring.bench.measure import Sample
 from kvuring.bench.seed import SeedPool
@@ -335,20 +336,37 @@ class _Counting:
         return next(self._inner)
 
 
-def _progress_bar(total: int, enabled: bool) -> Any:
-    from tqdm import tqdm
+class _NoProgress:
+    """What the runner calls on a progress bar, for --no-progress: tqdm is not needed."""
 
-    return tqdm(total=total, unit="step", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+    def set_description(self, text: str) -> None:
+        pass
+
+    def update(self, steps: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def write(self, text: str, file: Any = None) -> None:
+        print(text, file=file or sys.stderr)
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoProgress()
+    try:
+        from tqdm import tqdm
+    except ImportError as exc:
+        raise MissingExtra("tqdm", "or run with --no-progress") from exc
+    return tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True)
 
 
 def _missing_dependency(impl: str) -> str | None:
     if impl == FIO and fio_mod.fio_path() is None:
         return "fio is not on PATH"
     if impl == KV_UVLOOP:
-        try:
-            import uvloop  # noqa: F401
-        except ImportError:
-            return "uvloop is not installed"
+        return missing("uvloop")
     return None
 
 
