@@ -168,6 +168,11 @@ def test_cpool_program(tmp_path: Path) -> None:
     assert again.errors == 0 and _block_file(root, keys[0]).stat().st_ino == inode
     missing, _ = pool.phase("load", str(root), warm, make_keys("absent", 5), startup_cpu=0.0)
     assert (missing.blocks, missing.errors) == (5, 5)
+    # A short file fails its load and is removed, as the tier does.
+    short = _block_file(root, keys[1])
+    os.truncate(short, 4096)
+    partial, _ = pool.phase("load", str(root), warm, keys, startup_cpu=0.0)
+    assert partial.errors == 1 and not short.exists()
 
     seconds, errors, bg_blocks = pool.latency(str(root), keys[:4], requests=3, bg_batch=4)
     assert len(seconds) == 3 and errors == 0 and bg_blocks >= 4

@@ -13,7 +13,7 @@
  *          rename(tmp, final)              unlink(tmp) on any failure
  *   load:  open(final, O_RDONLY|O_DIRECT)
  *          read(fd, block, size)           one call; short = failure
- *          close(fd)
+ *          close(fd)                       unlink(final) after a short read
  *
  * O_DIRECT is probed once per run with a one-page write in the directory
  * (as the tier does) and left out where the filesystem refuses it.  The
@@ -214,12 +214,12 @@ static int load_block(const struct pool *pool, const char *path, char *buf)
     if (fd < 0)
         return errno;
     ssize_t got = read(fd, buf, pool->block_size);
-    int err = 0;
-    if (got < 0)
-        err = errno;
-    else if ((size_t)got != pool->block_size)
-        err = EIO;
+    int err = got < 0 ? errno : 0;
     close(fd);
+    if (got >= 0 && (size_t)got != pool->block_size) {
+        unlink(path); /* a short file is a damaged one: the tier removes it */
+        err = EIO;
+    }
     return err;
 }
 
