@@ -25,9 +25,13 @@ import os
 from array import array
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from kvuring import _binding as b
 from kvuring._ops import new_words
+
+if TYPE_CHECKING:
+    from kvuring._blocks import BlockCore
 from kvuring.engine import INTERNAL_TAG, Completions, Engine
 
 STEP_BITS = 4
@@ -157,6 +161,19 @@ class Driver:
         self.closed = False
         #: called when the last in-flight unit finishes (for close())
         self.on_idle: Callable[[], None] | None = None
+        #: the C block core sharing this engine (kvuring._blocks), if any
+        self.core: BlockCore | None = None
+
+    def attach_core(self, core: BlockCore) -> None:
+        """Drive ``core`` with this driver: its completions are reaped and dispatched in C."""
+        self.core = core
+
+    def busy(self) -> bool:
+        """Work in flight, queued, or prepared and not yet submitted (units or core blocks)."""
+        core = self.core
+        return bool(
+            self.in_flight or self._waiting or self._words or (core is not None and core.busy())
+        )
 
     # -- starting ----------------------------------------------------------------
     def start(self, unit: Unit) -> None:
@@ -209,12 +226,13 @@ class Driver:
         return bool(self._words)
 
     def flush(self) -> None:
-        """One submit for every operation prepared since the last flush."""
+        """One submit for every operation prepared since the last flush (units and core)."""
         if self._words:
             # Engines consume the words before returning, so the one array
-            # every unit writes into is simply emptied.
+            # every unit writes into is simply emptied (but for what a
+            # backed-up kernel could not take yet: the next flush sends it).
             try:
-                self.engine.submit(self._words)
+                taken = self.engine.submit(self._words)
             except OSError as exc:
                 # The kernel took none of it: every operation fails with the
                 # submit's error, so no unit waits for a completion never coming.
@@ -222,14 +240,24 @@ class Driver:
                 del self._words[:]
                 self.dispatch((uds, [-(exc.errno or 5)] * len(uds)))
             else:
-                del self._words[:]
+                del self._words[: taken * b.OP_WORDS]
+        if self.core is not None:
+            self.core.flush()
 
     # -- completing ----------------------------------------------------------------
     def process(self) -> int:
-        """Reap and dispatch every available completion; start waiting units. Returns CQEs seen."""
-        uds, res = self.engine.reap()
+        """Reap and dispatch every available completion; start waiting units.
+
+        With a block core attached the reaping is the core's (one C call
+        advances its blocks and hands back the units' completions).
+        Returns the units' CQEs seen.
+        """
+        core = self.core
+        uds, res = self.engine.reap() if core is None else core.pump()
         if uds:
             self.dispatch((uds, res))
+        if core is not None and self.on_idle is not None and not self.busy():
+            self.on_idle()
         return len(uds)
 
     def dispatch(self, completions: Completions) -> None:
@@ -279,16 +307,19 @@ class Driver:
         self._units[ticket] = None
         self._free.append(ticket)
         self.in_flight -= 1
-        if not self.in_flight and self.on_idle is not None:
+        if self.on_idle is not None and not self.busy():
             self.on_idle()
 
     # -- closing -----------------------------------------------------------------
     def drain(self) -> None:
-        """Block until every started unit has finished (waiting units are started too)."""
-        while self.in_flight or self._waiting:
+        """Block until every started unit and core block has finished (queued ones run too)."""
+        while True:
             self.flush()
-            self.engine.drain(self.dispatch)
-            self.flush()
+            if not self.busy():
+                return
+            if self.in_flight or self.core is None or self.core.in_flight():
+                self.engine.wait_completion()
+            self.process()
 
     def close(self, exc: BaseException | None = None) -> None:
         """Drain what is in flight, abort what never started, close the engine; idempotent."""
@@ -301,6 +332,8 @@ class Driver:
                     unit.aborted(exc or RuntimeError("kvuring closed before the operation ran"))
             self.drain()
         self.closed = True
+        if self.core is not None:
+            self.core.close()
         self.engine.close()
 
     def stats(self) -> dict[str, int]:

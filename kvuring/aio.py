@@ -170,11 +170,11 @@ class AsyncRing:
         if driver.engine.owner_pid != os.getpid():
             driver.close()
             return
-        while driver.in_flight or driver.has_pending():
-            self._flush()
+        while driver.busy():
             self._idle = asyncio.Event()
             driver.on_idle = self._idle.set
-            if driver.in_flight:
+            self._flush()
+            if driver.busy():
                 await self._idle.wait()
         assert self._loop is not None
         self._loop.remove_reader(driver.engine.fileno())
@@ -229,6 +229,15 @@ class AsyncRing:
         start = driver.start
         for unit in units:
             start(unit)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._flush)
+
+    def schedule_flush(self) -> None:
+        """Submit with this loop iteration's flush (for work the block core queued)."""
+        if self.closed:
+            raise RuntimeError("AsyncRing is closed")
         if not self._flush_scheduled:
             self._flush_scheduled = True
             assert self._loop is not None

@@ -19,15 +19,12 @@ import errno
 import logging
 import os
 import select
-import threading
 from array import array
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from kvuring import _binding as b
-from kvuring._ops import chain_bounds
 
 log = logging.getLogger("kvuring")
 
@@ -87,6 +84,8 @@ class Engine:
     name: str = "?"
     #: how many direct-descriptor slots (and so how many chains) can be in flight
     slots: int
+    #: the first of the ``slots`` direct-descriptor slots the block core uses
+    core_slot_base: int
     #: kernel features and opcodes found at run time
     features: dict[str, bool]
 
@@ -94,6 +93,16 @@ class Engine:
         self.owner_pid = os.getpid()
         self.closed = False
         self._stats = EngineStats()
+        #: the engine as C sees it (struct kvu_engine): what the block core submits to and reaps from
+        self.c_engine: Any = b.ffi.new("struct kvu_engine *")
+        self._reap_ud: Any = None
+        self._reap_res: Any = None
+        self._reap_max = 0
+
+    def _reap_buffers(self, n: int) -> None:
+        self._reap_ud = b.ffi.new("uint64_t[]", n)
+        self._reap_res = b.ffi.new("int32_t[]", n)
+        self._reap_max = n
 
     # -- ownership ---------------------------------------------------------
     def check_owner(self) -> None:
@@ -112,11 +121,37 @@ class Engine:
         raise NotImplementedError
 
     def submit(self, words: array[int]) -> int:
-        """Hand every operation in ``words`` to the kernel (or the threads); returns the count."""
-        raise NotImplementedError
+        """Hand whole chains of ``words`` to the kernel (or the threads); returns the op count taken.
+
+        Fewer than all only when the kernel is backed up (its CQ full); the
+        caller submits the rest after reaping.  OSError when it took none.
+        """
+        self.check_owner()
+        n = len(words) // b.OP_WORDS
+        if not n:
+            return 0
+        res = b.lib.kvu_engine_submit(self.c_engine, b.ffi.from_buffer("uint64_t[]", words), n)
+        if res < 0:
+            raise b.os_error(res)
+        return int(res)
 
     def reap(self) -> Completions:
         """Every completion available now, as (user_data list, result list)."""
+        self.check_owner()
+        uds: list[int] = []
+        res: list[int] = []
+        while True:
+            n = b.lib.kvu_engine_reap(self.c_engine, self._reap_ud, self._reap_res, self._reap_max)
+            if not n:
+                break
+            uds += b.ffi.unpack(self._reap_ud, n)
+            res += b.ffi.unpack(self._reap_res, n)
+            if n < self._reap_max:
+                break
+        return uds, res
+
+    def wait_completion(self) -> None:
+        """Block until at least one completion is there to reap (work must be in flight)."""
         raise NotImplementedError
 
     def wait(self, timeout: float | None) -> None:
@@ -141,25 +176,18 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         s = self._stats
+        e = self.c_engine
         return {
             "engine": self.name,
-            "sqes_submitted": s.sqes_submitted,
-            "enter_calls": s.enter_calls,
-            "cqes_reaped": s.cqes_reaped,
+            "sqes_submitted": s.sqes_submitted + e.sqes_submitted,
+            "enter_calls": s.enter_calls + e.enter_calls,
+            "cqes_reaped": s.cqes_reaped + e.cqes_reaped,
             **s.extra,
         }
 
 
 def _eventfd() -> int:
     return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-
-
-def _clear_eventfd(fd: int) -> None:
-    # Called on every wake-up: try/except is cheaper than contextlib.suppress.
-    try:  # noqa: SIM105
-        os.eventfd_read(fd)
-    except BlockingIOError:
-        pass
 
 
 # --------------------------------------------------------------------------
@@ -200,6 +228,13 @@ class Ring(Engine):
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.slots = slots
+        # Direct descriptors [0, slots) are the driver's tickets, [slots, 2 * slots)
+        # the block core's (kvuring/_csrc/blocks.c).
+        self.core_slot_base = slots
+        # Sized for one side's ``slots`` chains: in a store nearly all work is
+        # the core's, and the ring's memory counts against RLIMIT_MEMLOCK.
+        # The kernel keeps CQEs beyond the CQ on its overflow list (NODROP).
+        table = 2 * slots
         sq_entries = entries or _pow2(max(64, min(4096, slots * 8)))
         self._ring = b.ffi.new("struct io_uring *")
         self.setup_flags = self._setup(sq_entries, max(sq_entries * 2, _pow2(slots * 8)))
@@ -211,17 +246,18 @@ class Ring(Engine):
                 raise EngineUnavailable(errno.EOPNOTSUPP, f"io_uring lacks {', '.join(missing)}")
             self._efd = _eventfd()
             _check(b.lib.io_uring_register_eventfd(self._ring, self._efd), "register_eventfd")
-            _check(b.lib.io_uring_register_files_sparse(self._ring, slots), "register_files_sparse")
+            _check(b.lib.io_uring_register_files_sparse(self._ring, table), "register_files_sparse")
             self.max_workers = self._limit_workers(max_workers)
         except BaseException:
             b.lib.io_uring_queue_exit(self._ring)
             self._open = False
             raise
         self.defer_taskrun = bool(self.setup_flags & b.lib.IORING_SETUP_DEFER_TASKRUN)
-        cq = self._ring.cq.ring_entries
-        self._reap_ud = b.ffi.new("uint64_t[]", cq)
-        self._reap_res = b.ffi.new("int32_t[]", cq)
-        self._reap_max = cq
+        e = self.c_engine
+        e.ring = self._ring
+        e.efd = self._efd
+        e.defer_taskrun = int(self.defer_taskrun)
+        self._reap_buffers(self._ring.cq.ring_entries)
         self._buffer_table = False
 
     def _setup(self, sq_entries: int, cq_entries: int) -> int:
@@ -279,90 +315,31 @@ class Ring(Engine):
     def fileno(self) -> int:
         return self._efd
 
-    def submit(self, words: array[int]) -> int:
-        self.check_owner()
-        n = len(words) // b.OP_WORDS
-        if not n:
-            return 0
-        res = b.lib.kvu_prep_ops(self._ring, b.ffi.from_buffer("uint64_t[]", words), n)
-        if res == -errno.EBUSY:
-            return self._submit_in_parts(words)
-        if res < 0:
-            raise b.os_error(res)
-        self._enter()
-        self._stats.sqes_submitted += n
-        return n
-
-    def _submit_in_parts(self, words: array[int]) -> int:
-        # More than the SQ holds: submit whole chains as they fit.
-        ops = b.ffi.from_buffer("uint64_t[]", words)
-        done = 0
-        for first, count in chain_bounds(words):
-            while True:
-                res = b.lib.kvu_prep_ops(self._ring, ops + first * b.OP_WORDS, count)
-                if res != -errno.EBUSY:
-                    break
-                self._enter()
-            if res < 0:
-                raise b.os_error(res)
-            done += count
-        self._enter()
-        self._stats.sqes_submitted += done
-        return done
-
-    def _enter(self) -> None:
-        while True:
-            res = b.lib.io_uring_submit(self._ring)
-            self._stats.enter_calls += 1
-            if res >= 0:
-                return
-            if res in (-errno.EINTR, -errno.EAGAIN, -errno.EBUSY):
-                # EAGAIN/EBUSY: the CQ is backed up; the caller bounds in-flight
-                # work, so reaping in the next loop turn makes room.
-                if res != -errno.EINTR:
-                    return
-                continue
-            raise b.os_error(res)
-
-    def reap(self) -> Completions:
-        self.check_owner()
-        _clear_eventfd(self._efd)
-        if self.defer_taskrun:
-            # Deferred task work only runs when we enter the kernel for events.
-            b.lib.io_uring_get_events(self._ring)
-            self._stats.enter_calls += 1
-        uds: list[int] = []
-        res: list[int] = []
-        while True:
-            n = b.lib.kvu_reap(self._ring, self._reap_ud, self._reap_res, self._reap_max)
-            if not n:
-                break
-            uds += b.ffi.unpack(self._reap_ud, n)
-            res += b.ffi.unpack(self._reap_res, n)
-        self._stats.cqes_reaped += len(uds)
-        return uds, res
-
     def pending(self) -> bool:
         """True when CQEs wait in the CQ (for example ones completed inline at submit)."""
         return bool(b.lib.io_uring_cq_ready(self._ring))
 
-    def drain(self, dispatch: Callable[[Completions], None]) -> None:
-        """Block until at least one completion arrives; hand over all that are there.
+    def wait_completion(self) -> None:
+        """Block until a CQE is there.
 
-        Driver.drain calls this until no unit is in flight.  An IOSQE_IO_DRAIN
-        marker cannot tell when the ring is empty: once a ring has seen one
-        IOSQE_CQE_SKIP_SUCCESS, the kernel fails every IO_DRAIN SQE at once
-        with -EOPNOTSUPP, which made this return immediately and the
-        driver's drain spin on io_uring_enter until the work finished.
+        An IOSQE_IO_DRAIN marker cannot tell when the ring is empty: once a
+        ring has seen one IOSQE_CQE_SKIP_SUCCESS, the kernel fails every
+        IO_DRAIN SQE at once with -EOPNOTSUPP; so wait for one completion.
         """
+        self.check_owner()
+        if not b.lib.io_uring_cq_ready(self._ring):
+            b.lib.io_uring_submit_and_wait(self._ring, 1)
+            self._stats.enter_calls += 1
+
+    def drain(self, dispatch: Callable[[Completions], None]) -> None:
+        """Block until at least one completion arrives; hand over all that are there."""
         self.check_owner()
         while True:
             uds, res = self.reap()
             if uds:
                 dispatch((uds, res))
                 return
-            b.lib.io_uring_submit_and_wait(self._ring, 1)
-            self._stats.enter_calls += 1
+            self.wait_completion()
 
     # -- registered buffers ----------------------------------------------------
     def set_buffer(self, index: int, addr: int, length: int) -> None:
@@ -381,7 +358,9 @@ class Ring(Engine):
             _check(b.lib.io_uring_register_buffers_sparse(self._ring, BUFFER_SLOTS),
                    "register_buffers_sparse")  # fmt: skip
             self._buffer_table = True
-        _check(b.lib.kvu_register_buffer(self._ring, index, addr, length), "register_buffers_update")
+        _check(
+            b.lib.kvu_register_buffer(self._ring, index, addr, length), "register_buffers_update"
+        )
 
     def close(self) -> None:
         """Release the ring; idempotent.  Drain in-flight work first (the driver does)."""
@@ -423,11 +402,12 @@ def _check(res: int, what: str) -> None:
 
 
 class ThreadRing(Engine):
-    """The same operations run by a thread pool, for where io_uring is refused.
+    """The same operations run by a pool of threads, for where io_uring is refused.
 
-    Each linked chain goes to one worker, which runs it in C with the GIL
-    released and io_uring's link and CQE-skip rules; completions come back
-    through an eventfd exactly as a ring's do.
+    Each linked chain goes to one worker, which runs it in C (no GIL) with
+    io_uring's link and CQE-skip rules; completions come back through an
+    eventfd exactly as a ring's do.  The workers are POSIX threads of the C
+    core (kvuring/_csrc/pool.c), so no Python runs per chain.
     """
 
     name = "threads"
@@ -436,81 +416,35 @@ class ThreadRing(Engine):
         super().__init__()
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
         self.slots = slots
+        self.core_slot_base = slots
         self.threads = threads
         self.features = {k: True for k in (*REQUIRED_OPCODES, *OPTIONAL_OPCODES)}
         self.features.update(cqe_skip_success=True, linked_file=True, direct_descriptors=True)
         self.features["link_timeout"] = False
-        self._files = b.ffi.new("int[]", slots)
-        for i in range(slots):
-            self._files[i] = -1
         self._efd = _eventfd()
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvuring")
-        self._lock = threading.Lock()
-        self._done_ud: list[int] = []
-        self._done_res: list[int] = []
-        self._running = 0
-        self._idle = threading.Condition(self._lock)
+        self._pool = b.lib.kvu_pool_new(threads, 2 * slots, self._efd)
+        if self._pool == b.ffi.NULL:
+            os.close(self._efd)
+            raise OSError(errno.EAGAIN, "kvuring: could not start the thread engine's threads")
+        e = self.c_engine
+        e.pool = self._pool
+        e.efd = self._efd
+        self._reap_buffers(max(1024, 8 * slots))
 
     def fileno(self) -> int:
         return self._efd
 
-    def submit(self, words: array[int]) -> int:
+    def wait_completion(self) -> None:
         self.check_owner()
-        n = len(words) // b.OP_WORDS
-        for first, count in chain_bounds(words):
-            chain = words[first * b.OP_WORDS : (first + count) * b.OP_WORDS]
-            if count == 1 and chain[0] == b.OP_ASYNC_CANCEL:
-                # A chain a worker already runs cannot be stopped; say so at once.
-                self._post([chain[6]], [-errno.EALREADY])
-                continue
-            with self._lock:
-                self._running += 1
-            self._pool.submit(self._run, chain, count)
-        self._stats.sqes_submitted += n
-        return n
-
-    def _run(self, chain: array[int], count: int) -> None:
-        ud = b.ffi.new("uint64_t[]", count)
-        res = b.ffi.new("int32_t[]", count)
-        try:
-            posted = b.lib.kvu_run_chain(
-                b.ffi.from_buffer("uint64_t[]", chain), count, self._files, self.slots, ud, res
-            )
-            self._post(b.ffi.unpack(ud, posted), b.ffi.unpack(res, posted), finished=True)
-        except BaseException:
-            # Never lose a chain: report every op as failed.
-            self._post(
-                [chain[i * b.OP_WORDS + 6] for i in range(count)],
-                [-errno.EIO] * count,
-                finished=True,
-            )
-            raise
-
-    def _post(self, uds: Sequence[int], res: Sequence[int], *, finished: bool = False) -> None:
-        with self._lock:
-            self._done_ud += uds
-            self._done_res += res
-            if finished:
-                self._running -= 1
-                if not self._running:
-                    self._idle.notify_all()
-        os.eventfd_write(self._efd, 1)
-
-    def reap(self) -> Completions:
-        self.check_owner()
-        _clear_eventfd(self._efd)
-        with self._lock:
-            uds, res = self._done_ud, self._done_res
-            self._done_ud, self._done_res = [], []
-        self._stats.cqes_reaped += len(uds)
-        return uds, res
+        b.lib.kvu_pool_wait(self._pool, 0)
 
     def drain(self, dispatch: Callable[[Completions], None]) -> None:
+        """Block until every chain has run; hand over their completions."""
         self.check_owner()
-        with self._lock:
-            while self._running:
-                self._idle.wait()
+        b.lib.kvu_pool_wait(self._pool, 1)
         dispatch(self.reap())
 
     def close(self) -> None:
@@ -518,11 +452,10 @@ class ThreadRing(Engine):
             return
         self.closed = True
         if os.getpid() == self.owner_pid:
-            self._pool.shutdown(wait=True)
-            for i in range(self.slots):
-                if self._files[i] >= 0:
-                    os.close(self._files[i])
-                    self._files[i] = -1
+            # Runs what is queued, joins the threads, closes the slots' files.
+            b.lib.kvu_pool_free(self._pool)
+        # In a forked child the threads do not exist: leave the copy alone.
+        self._pool = b.ffi.NULL
         os.close(self._efd)
 
     def set_buffer(self, index: int, addr: int, length: int) -> None:

@@ -44,8 +44,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvuring import _binding as b
+from kvuring import _blocks as core_api
+from kvuring._blocks import BlockCore, CoreBatch
 from kvuring._driver import Unit
 from kvuring._format import (
+    MAX_KEY_BYTES,
     PAYLOAD_MISMATCH,
     RAW_SUFFIX,
     TRAILER_SIZE,
@@ -337,6 +340,15 @@ class _TransferUnit(_BlockUnit):
 
 #: a load's batch result while its payload checksum waits for get_many
 _UNVERIFIED = object()
+
+#: Status by the core's code (kvuring/_csrc/kvu.h); UNVERIFIED never reaches a caller
+_STATUS_OF: tuple[Any, ...] = (
+    None, Status.STORED, Status.EXISTS, Status.HIT, Status.MISS, Status.CORRUPT, Status.FAILED,
+    None, True, False,
+)  # fmt: skip
+#: counters the block core keeps, added into stats()
+_CORE_COUNTERS = ("stored", "exists", "hits", "misses", "corrupt", "failures", "deleted",
+                  "bytes_written", "bytes_read", "bounced")  # fmt: skip
 
 
 def _checksums(views: list[memoryview]) -> list[int]:
@@ -809,6 +821,7 @@ class BlockStore:
         self._writer: WriterRegistration | None = None
         self._tmp_marker = b""
         self._ring: AsyncRing | None = None
+        self._core: BlockCore | None = None
         self._tmp_seq = 0
         self._leaves_ready: set[bytes] = set()
         self._bounce_pool: list[mmap.mmap] = []
@@ -819,6 +832,7 @@ class BlockStore:
         self._fixed_ready = False
         self._trailer_slot = -1
         self._bounce_logged = False
+        self._noreplace_logged = False
         self._failure_logged: set[int] = set()
         self._stats: dict[str, int] = dict.fromkeys(
             ("puts", "gets", "contains", "deletes", "stored", "exists", "hits", "misses",
@@ -857,6 +871,8 @@ class BlockStore:
             self._setup_fixed()
             if self.prioritize_loads:
                 self._gate = StoreGate(self._gate_start, STORES_DURING_LOADS)
+            if not self.fixed_buffers:
+                self._core = self._make_core()
             await self._prepare_fanout()
         except BaseException:
             if self._ring is not None:
@@ -880,6 +896,9 @@ class BlockStore:
         if self._gate is not None:
             for unit in self._gate.drop_waiting():
                 unit.aborted(RuntimeError("kvuring closed before the operation ran"))
+        if self._core is not None and not self._core.closed:
+            self._core.drop_queued_stores()
+            self._core.flush()  # reports the batches that ended
         if self._ring is not None:
             await self._ring.close()
         if self._fixed is not None:
@@ -1098,6 +1117,9 @@ class BlockStore:
 
     def _count_failure(self, err: OSError) -> None:
         self._stats["failures"] += 1
+        self._log_failure(err)
+
+    def _log_failure(self, err: OSError) -> None:
         code = err.errno or 0
         if code not in self._failure_logged:
             self._failure_logged.add(code)
@@ -1207,6 +1229,209 @@ class BlockStore:
     def _new_batch(self, n: int) -> _Batch:
         return _Batch(n, asyncio.get_running_loop().create_future())
 
+    # -- the block core: one C call per batch ----------------------------------------
+    def _make_core(self) -> BlockCore:
+        assert self._ring is not None and self._writer is not None
+        engine = self._ring.engine
+        core = BlockCore(
+            engine,
+            ns_fd=self.ns_fd,
+            reg_fd=self._writer.fd,
+            block_size=self.block_size,
+            verify=self.verify,
+            direct=self.direct_io,
+            mem_align=self.mem_align,
+            slots=self.queue_depth,
+            read_flags=self._read_flags,
+            load_ioprio=self._load_ioprio,
+            store_limit=STORES_DURING_LOADS if self.prioritize_loads else 0,
+            suffix=self.suffix.encode(),
+            marker=self._tmp_marker.split(b"%d")[0],
+        )
+        self._ring.driver.attach_core(core)
+        return core
+
+    def _key_list(self, keys: Sequence[object]) -> list[bytes]:
+        if isinstance(keys, (bytes, str, int)):
+            raise TypeError("keys must be a sequence of keys, not a single key")
+        return [
+            k if type(k) is bytes and 0 < len(k) <= MAX_KEY_BYTES else key_bytes(k) for k in keys
+        ]
+
+    def _pins(self, bufs: Sequence[object], n: int, *, writable: bool) -> list[Any]:
+        """Pin every buffer (one cffi call each); the precise error of _views when one is unfit."""
+        if len(bufs) != n:
+            raise ValueError(f"{n} keys but {len(bufs)} buffers")
+        size = self.block_size
+        try:
+            pins = [_from_buffer(buf, require_writable=writable) for buf in bufs]
+        except (TypeError, BufferError, ValueError) as exc:
+            self._views(bufs, writable=writable)
+            raise TypeError(f"buffers must be writable, contiguous buffers: {exc}") from exc
+        if pins and (min(map(len, pins)) != size or max(map(len, pins)) != size):
+            for pin in pins:
+                b.ffi.release(pin)
+            self._views(bufs, writable=writable)
+            raise ValueError(f"every buffer must be {size} bytes")
+        return pins
+
+    async def _core_run(self, core: BlockCore, batch: CoreBatch, hashing: Any = None) -> None:
+        """Queue ``batch``, submit it with this loop iteration, wait for every status."""
+        ring = self._ring_for_call()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def done(_batch: CoreBatch) -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        core.add(batch, done)
+        ring.schedule_flush()
+        try:
+            if hashing is not None:
+                await hashing
+            await fut
+        except BaseException:
+            # The caller gave up: blocks not started are dropped, those in
+            # flight finish on their own (absent or intact) and keep their
+            # buffers until then.
+            core.cancel(batch)
+            if not ring.closed:
+                ring.schedule_flush()
+            raise
+
+    async def _core_put(
+        self, keys: Sequence[object], bufs: Sequence[object]
+    ) -> tuple[list[Status], CoreBatch, list[bytes]]:
+        core = self._core
+        assert core is not None
+        self._ring_for_call()
+        kbs = self._key_list(keys)
+        pins = self._pins(bufs, len(kbs), writable=False)
+        self._stats["puts"] += len(kbs)
+        offload = self._offload_hashing(len(kbs))
+        batch = CoreBatch(core_api.STORE, kbs, pins, ready=0 if offload else None)
+        hashing = self._sum_stores(core, batch) if offload else None
+        await self._core_run(core, batch, hashing)
+        if not self._noreplace_logged and not core.noreplace:
+            self._noreplace_logged = True
+            log.warning("kvuring: %s rejects RENAME_NOREPLACE; using plain rename",
+                        os.fsdecode(self.ns_path.raw))  # fmt: skip
+        return self._core_statuses(batch, kbs), batch, kbs
+
+    async def _sum_stores(self, core: BlockCore, batch: CoreBatch) -> None:
+        """put_many of big blocks: checksums on the hash threads (C, without the GIL),
+        and each group of blocks starts as soon as its sums are in."""
+        psums = batch.give_psums()
+        n = batch.n
+        self._stats["offloaded_checksums"] += n
+        size = -(-n // (2 * self._hash_threads))  # about two groups per thread
+        groups = [(i, min(i + size, n)) for i in range(0, n, size)]
+        addrs = batch.c.addrs
+        sums = [
+            self._on_hash_threads(
+                batch, core_api.checksums, addrs, hi, lo, 1, self.block_size, psums
+            )
+            for lo, hi in groups
+        ]
+        ring = self._ring_for_call()
+        for (_lo, hi), future in zip(groups, sums):
+            await future
+            core.set_ready(batch, hi)
+            ring.schedule_flush()
+
+    async def _core_get(
+        self, keys: Sequence[object], bufs: Sequence[object]
+    ) -> tuple[list[Status], CoreBatch, list[bytes]]:
+        core = self._core
+        assert core is not None
+        self._ring_for_call()
+        kbs = self._key_list(keys)
+        pins = self._pins(bufs, len(kbs), writable=True)
+        self._stats["gets"] += len(kbs)
+        defer = self._offload_hashing(len(kbs))
+        batch = CoreBatch(core_api.LOAD, kbs, pins, defer_verify=defer)
+        batch.hold()  # the payload checks below read the buffers after the core is done
+        try:
+            await self._core_run(core, batch)
+            if batch.c.unverified:
+                await self._verify_core_loads(batch, kbs)
+        finally:
+            batch.unhold()
+        return self._core_statuses(batch, kbs), batch, kbs
+
+    def _on_hash_threads(self, batch: CoreBatch, fn: Any, *args: Any) -> asyncio.Future[Any]:
+        """Run ``fn(*args)`` (C, without the GIL) on a hash thread, holding the batch's buffers.
+
+        The hold ends when the thread is done, also if the awaiting task was
+        cancelled meanwhile: a running thread cannot be stopped.
+        """
+        loop = asyncio.get_running_loop()
+        batch.hold()
+        work = self._hash_pool_get().submit(fn, *args)
+        work.add_done_callback(lambda _w: loop.call_soon_threadsafe(batch.unhold))
+        return asyncio.wrap_future(work)
+
+    async def _verify_core_loads(self, batch: CoreBatch, kbs: list[bytes]) -> None:
+        """Compare the deferred payload checksums on the hash threads; HIT or CORRUPT (and removed)."""
+        todo = int(batch.c.unverified)
+        self._stats["offloaded_checksums"] += todo
+        k = min(batch.n, self._hash_threads)
+        checks = [self._on_hash_threads(batch, core_api.verify, batch, i, k, self.block_size)
+                  for i in range(k)]  # fmt: skip
+        bad = sum(await asyncio.gather(*checks))
+        self._stats["hits"] += todo - bad
+        self._stats["bytes_read"] += (todo - bad) * self.block_size
+        if bad:
+            self._stats["corrupt"] += bad
+            corrupt = [kb for kb, st in zip(kbs, batch.status) if st == core_api.CORRUPT]
+            removal = CoreBatch(core_api.DELETE, corrupt, None)
+            removal.c.defer_verify = 1  # for a delete: a CORRUPT block's removal, not counted
+            assert self._core is not None
+            await self._core_run(self._core, removal)
+            batch.c.corrupt += bad
+
+    def _core_statuses(self, batch: CoreBatch, kbs: list[bytes]) -> list[Status]:
+        if batch.c.failed or batch.c.corrupt:
+            self._core_report(batch, kbs)
+        if batch.c.bounced and not self._bounce_logged:
+            self._bounce_logged = True
+            log.warning(
+                "kvuring: buffer not aligned to %d bytes for O_DIRECT; copying through an aligned "
+                "buffer (use kvuring.aligned_buffer to avoid the copy)", self.mem_align,
+            )  # fmt: skip
+        return list(map(_STATUS_OF.__getitem__, batch.status))
+
+    def _block_path(self, kb: bytes) -> str:
+        return os.fsdecode(self.ns_path / block_relpath(kb, self.suffix.encode())[1])
+
+    def _core_report(self, batch: CoreBatch, kbs: list[bytes]) -> None:
+        """Log what went wrong in a batch (the core counted it): each new errno once, each corrupt block."""
+        for kb, status, code in zip(kbs, batch.status, batch.error):
+            if status == core_api.FAILED and code not in self._failure_logged:
+                self._log_failure(self._core_error(kb, code))
+            elif status == core_api.CORRUPT:
+                log.warning("kvuring: corrupt block %s (%s); removing it", self._block_path(kb),
+                            core_api.CORRUPT_REASONS.get(code, code))  # fmt: skip
+
+    def _core_error(self, kb: bytes, code: int) -> OSError:
+        return OSError(code, os.strerror(code), self._block_path(kb))
+
+    def _core_one(self, statuses: list[Status], batch: CoreBatch, kbs: list[bytes]) -> Status:
+        if batch.status[0] == core_api.FAILED:
+            raise self._core_error(kbs[0], batch.error[0])
+        return statuses[0]
+
+    async def _core_presence(self, kind: int, keys: Sequence[object], counter: str) -> list[bool]:
+        core = self._core
+        assert core is not None
+        kbs = self._key_list(keys)
+        self._stats[counter] += len(kbs)
+        batch = CoreBatch(kind, kbs, None)
+        await self._core_run(core, batch)
+        if batch.c.failed:
+            self._core_report(batch, kbs)
+        return [status == core_api.PRESENT for status in batch.status]
+
     # -- the API --------------------------------------------------------------------
     def _put_units(self, keys: Sequence[object], bufs: Sequence[object]) -> list[_BlockUnit]:
         self._ring_for_call()
@@ -1263,6 +1488,8 @@ class BlockStore:
 
         Each buffer must hold block_size bytes and must not change until this returns.
         """
+        if self._core is not None:
+            return (await self._core_put(keys, bufs))[0]
         units = self._put_units(keys, bufs)
         if units and self._offload_hashing(len(units)):
             return await self._run_summed(units)
@@ -1270,6 +1497,8 @@ class BlockStore:
 
     async def get_many(self, keys: Sequence[bytes | int], bufs: Sequence[Buffer]) -> list[Status]:
         """Load blocks into ``bufs``; HIT, MISS, CORRUPT or FAILED per block, in order."""
+        if self._core is not None:
+            return (await self._core_get(keys, bufs))[0]
         units = self._get_units(keys, bufs)
         results = await self._run_many(units)
         if units and units[0].batch.unverified:
@@ -1358,10 +1587,14 @@ class BlockStore:
 
     async def put(self, key: bytes | int, buf: Buffer) -> Status:
         """Store one block: STORED or EXISTS; raises OSError (with errno and path) on failure."""
+        if self._core is not None:
+            return self._core_one(*await self._core_put([key], [buf]))
         return await self._run_one(self._put_units([key], [buf]))
 
     async def get(self, key: bytes | int, buf: Buffer) -> Status:
         """Load one block: HIT, MISS or CORRUPT; raises OSError (with errno and path) on failure."""
+        if self._core is not None:
+            return self._core_one(*await self._core_get([key], [buf]))
         return await self._run_one(self._get_units([key], [buf]))
 
     async def _run_many(self, units: list[_BlockUnit]) -> list[Any]:
@@ -1395,6 +1628,8 @@ class BlockStore:
     async def contains_many(self, keys: Sequence[bytes | int]) -> list[bool]:
         """Whether each block is present (a regular file of the right size), in order."""
         self._ring_for_call()
+        if self._core is not None:
+            return await self._core_presence(core_api.STAT, keys, "contains")
         paths = self._paths(keys)
         batch = self._new_batch(len(paths))
         units: list[_BlockUnit] = [
@@ -1406,6 +1641,8 @@ class BlockStore:
     async def delete_many(self, keys: Sequence[bytes | int]) -> list[bool]:
         """Remove blocks; True where a block was removed, in order."""
         self._ring_for_call()
+        if self._core is not None:
+            return await self._core_presence(core_api.DELETE, keys, "deletes")
         paths = self._paths(keys)
         batch = self._new_batch(len(paths))
         units: list[_BlockUnit] = [
@@ -1417,6 +1654,13 @@ class BlockStore:
     def stats(self) -> dict[str, Any]:
         """Counters and configuration: ops, bytes, hits, misses, corrupt, failures, bounced, engine, direct I/O."""
         out: dict[str, Any] = dict(self._stats)
+        core = self._core
+        held = 0
+        if core is not None:
+            cs = core.stats()
+            for name in _CORE_COUNTERS:
+                out[name] += cs[name]
+            held = cs["held"]
         out.update(
             engine=self._ring.backend if self._ring is not None and not self._ring.closed else None,
             direct_io=self.direct_io,
@@ -1424,12 +1668,15 @@ class BlockStore:
             verify=self.verify,
             block_size=self.block_size,
             namespace=self.namespace,
-            rename_noreplace=self.noreplace,
+            rename_noreplace=self.noreplace and (core is None or core.noreplace),
             filesystem=self.filesystem,
-            load_io_priority="realtime" if self._load_ioprio else "default",
+            load_io_priority="realtime"
+            if (core.load_ioprio if core is not None else self._load_ioprio)
+            else "default",
             spread_reads=self.spread_reads,
             fixed_buffers_active=self._fixed_ready,
-            stores_held_for_loads=self._gate.held if self._gate is not None else 0,
+            stores_held_for_loads=(self._gate.held if self._gate is not None else 0) + held,
+            native=core is not None,
         )
         if self._fixed is not None:
             out.update(self._fixed.stats())

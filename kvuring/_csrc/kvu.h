@@ -3,8 +3,10 @@
  *
  * Everything Python calls is declared here and, in the same form, in the
  * cdef in build_uring.py.  The .c files beside this header each hold one
- * idea: ops.c (operation words -> SQEs, CQEs -> arrays), chain.c (the same
- * words run with plain syscalls, for the thread engine).
+ * idea: ops.c (operation words -> SQEs, CQEs -> arrays, for either engine),
+ * chain.c (the same words run with plain syscalls), pool.c (the thread
+ * engine's POSIX threads), format.c (paths, trailer, checksums) and
+ * blocks.c (the per-block state machine every front end drives).
  */
 #ifndef KVU_H
 #define KVU_H
@@ -29,14 +31,148 @@
  */
 #define KVU_OP_WORDS 10
 
+#define KVU_MAX_CHAIN 16     /* steps a chain may have (user_data has 4 step bits) */
+#define KVU_TRAILER_SIZE 4096
+#define KVU_MAX_KEY 64
+#define KVU_PATH_MAX 160     /* "abc/de/" + 128 hex digits + suffix + NUL */
+#define KVU_TMP_MAX 256      /* path + marker (< 64) + "c<seq>.tmp" */
+#define KVU_CORE_TAG (1ULL << 62)  /* user_data of the block core's operations */
+
+/* A block's outcome (the status array of a batch). */
+enum {
+    KVU_PENDING = 0,
+    KVU_STORED = 1,
+    KVU_EXISTS = 2,
+    KVU_HIT = 3,
+    KVU_MISS = 4,
+    KVU_CORRUPT = 5,
+    KVU_FAILED = 6,
+    KVU_UNVERIFIED = 7, /* a load whose payload checksum the caller compares */
+    KVU_PRESENT = 8,    /* stat: a regular file of the right size; delete: removed */
+    KVU_ABSENT = 9,
+};
+
+/* Why a block is CORRUPT (the error array of a batch, for CORRUPT blocks). */
+enum {
+    KVU_OK = 0,
+    KVU_BAD_MAGIC = 1,
+    KVU_BAD_TRAILER_SUM = 2,
+    KVU_BAD_PADDING = 3,
+    KVU_BAD_VERSION = 4,
+    KVU_BAD_LENGTH = 5,
+    KVU_BAD_KEY = 6,
+    KVU_BAD_PAYLOAD_SUM = 7,
+    KVU_SHORT_READ = 8,
+};
+
+/* What a batch does with each block. */
+enum { KVU_LOAD = 1, KVU_STORE = 2, KVU_STAT = 3, KVU_DELETE = 4 };
+
+/* One engine as C sees it: a ring, or the thread pool (pool.c). */
+struct kvu_pool;
+struct kvu_engine {
+    struct io_uring *ring;
+    struct kvu_pool *pool;
+    int efd;
+    int defer_taskrun;
+    uint64_t sqes_submitted, enter_calls, cqes_reaped;
+};
+
+/*
+ * One batch, filled in by Python, which keeps it and every array it points
+ * at alive until the core reports it done.  Blocks [0, ready) may start;
+ * a store batch whose checksums come from worker threads raises `ready` as
+ * they arrive.
+ */
+struct kvu_batch {
+    uint64_t id;
+    int kind;
+    unsigned n, ready;
+    const uint8_t *keys;      /* the keys, back to back */
+    const uint32_t *key_off;  /* n + 1 offsets into keys */
+    const uint64_t *addrs;    /* the block buffers */
+    const uint64_t *psums;    /* stores: payload checksums, or NULL to compute them */
+    uint64_t *psum_out;       /* loads: the trailer's checksum, for KVU_UNVERIFIED blocks */
+    int32_t *status;          /* out: KVU_* per block */
+    int32_t *error;           /* out: errno (FAILED) or why (CORRUPT) */
+    unsigned defer_verify;    /* loads: leave the payload check to the caller */
+    /* counted by the core */
+    unsigned next, pending, failed, corrupt, unverified, bounced;
+    int cancelled, queued;
+    struct kvu_batch *qnext;
+};
+
+/* Counters of one core; Python adds them into BlockStore.stats(). */
+struct kvu_core_stats {
+    uint64_t stored, exists, hits, misses, corrupt, failures, deleted;
+    uint64_t bytes_written, bytes_read, bounced, held, retries, stray;
+    uint64_t noreplace_fallbacks, ioprio_dropped;
+};
+
+struct kvu_core_config {
+    int ns_fd;
+    int reg_fd;                 /* the writer registry's lock file (leaves are appended), or -1 */
+    uint64_t block_size;
+    int verify;
+    int direct;
+    unsigned mem_align;
+    unsigned slots;             /* blocks in flight at most */
+    unsigned slot_base;         /* the first direct-descriptor slot the core may use */
+    unsigned skip_success;      /* IOSQE_CQE_SKIP_SUCCESS, or 0 where unsupported */
+    unsigned read_flags;        /* extra SQE flags for a load's read (IOSQE_ASYNC) */
+    unsigned load_ioprio;
+    unsigned store_limit;       /* store chains in flight while loads run; 0: no gate */
+    int noreplace;
+    char suffix[8];             /* ".kvb" or ".bin" */
+    char marker[64];            /* ".<writer token>." */
+};
+
+struct kvu_core;
+
 /* ops.c */
 int kvu_prep_ops(struct io_uring *ring, const uint64_t *ops, unsigned n);
 unsigned kvu_reap(struct io_uring *ring, uint64_t *user_data, int32_t *res, unsigned max);
 int kvu_register_buffer(struct io_uring *ring, unsigned index, uint64_t addr, uint64_t len);
+unsigned kvu_chain_len(const uint64_t *ops, unsigned n);
+int kvu_engine_submit(struct kvu_engine *e, const uint64_t *ops, unsigned n);
+unsigned kvu_engine_reap(struct kvu_engine *e, uint64_t *ud, int32_t *res, unsigned max);
 
 /* chain.c */
 int kvu_statx(int dfd, const char *path, int flags, unsigned mask, struct statx *buf);
 unsigned kvu_run_chain(const uint64_t *ops, unsigned n, int *files, unsigned nfiles,
                        uint64_t *user_data, int32_t *res);
+
+/* pool.c */
+struct kvu_pool *kvu_pool_new(unsigned nthreads, unsigned nfiles, int efd);
+int kvu_pool_submit(struct kvu_pool *p, const uint64_t *ops, unsigned n);
+unsigned kvu_pool_reap(struct kvu_pool *p, uint64_t *ud, int32_t *res, unsigned max);
+unsigned kvu_pool_wait(struct kvu_pool *p, int until_idle);
+void kvu_pool_free(struct kvu_pool *p);
+
+/* format.c */
+uint64_t kvu_checksum(const void *p, size_t n);
+void kvu_pack_trailer(uint8_t *page, const uint8_t *key, unsigned klen, uint64_t plen, uint64_t psum);
+int kvu_check_trailer(const uint8_t *page, const uint8_t *key, unsigned klen, uint64_t plen,
+                      uint64_t *psum);
+unsigned kvu_block_path(const uint8_t *key, unsigned klen, const char *suffix, char *leaf, char *path);
+void kvu_checksum_many(const uint64_t *addrs, unsigned n, unsigned first, unsigned step, uint64_t len,
+                       uint64_t *out);
+unsigned kvu_verify_many(const uint64_t *addrs, unsigned n, unsigned first, unsigned step, uint64_t len,
+                         const uint64_t *want, int32_t *status, int32_t *error);
+
+/* blocks.c */
+struct kvu_core *kvu_core_new(const struct kvu_core_config *cfg, struct kvu_engine *engine);
+void kvu_core_free(struct kvu_core *c);
+void kvu_core_add(struct kvu_core *c, struct kvu_batch *b);
+void kvu_core_cancel(struct kvu_core *c, struct kvu_batch *b);
+unsigned kvu_core_drop_queued_stores(struct kvu_core *c);
+int kvu_core_flush(struct kvu_core *c);
+unsigned kvu_core_pump(struct kvu_core *c, uint64_t *ud, int32_t *res, unsigned max, unsigned *nother);
+unsigned kvu_core_done(struct kvu_core *c, uint64_t *ids, unsigned max);
+unsigned kvu_core_busy(const struct kvu_core *c);
+unsigned kvu_core_active(const struct kvu_core *c);
+const struct kvu_core_stats *kvu_core_stats(const struct kvu_core *c);
+int kvu_core_noreplace(const struct kvu_core *c);
+unsigned kvu_core_load_ioprio(const struct kvu_core *c);
 
 #endif

@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 static int kvu_prep_one(struct io_uring_sqe *sqe, const uint64_t *w)
 {
@@ -153,4 +154,91 @@ int kvu_register_buffer(struct io_uring *ring, unsigned index, uint64_t addr, ui
     struct iovec iov = { (void *)(uintptr_t)addr, (size_t)len };
     int res = io_uring_register_buffers_update_tag(ring, index, &iov, NULL, 1);
     return res < 0 ? res : 0;
+}
+
+/* How many operations the chain starting at `ops` has (at most n). */
+unsigned kvu_chain_len(const uint64_t *ops, unsigned n)
+{
+    unsigned i;
+    for (i = 0; i < n; i++)
+        if (!(ops[(size_t)i * KVU_OP_WORDS + 1] & (IOSQE_IO_LINK | IOSQE_IO_HARDLINK)))
+            return i + 1;
+    return n; /* a chain still open at the end: the kernel ends it there too */
+}
+
+/* io_uring_submit, retried on EINTR; counts the enter calls. */
+static int enter(struct kvu_engine *e)
+{
+    int r;
+    do {
+        r = io_uring_submit(e->ring);
+        e->enter_calls++;
+    } while (r == -EINTR);
+    return r;
+}
+
+/*
+ * Prepare and submit whole chains.  When the SQ is full, what is prepared
+ * goes to the kernel first; if the kernel cannot take more (the CQ is backed
+ * up: EBUSY, EAGAIN) the rest is left for the caller to submit after
+ * reaping.  Returns the number of operations taken, or -errno when the
+ * kernel refused the first of them.
+ */
+static int ring_submit(struct kvu_engine *e, const uint64_t *ops, unsigned n)
+{
+    unsigned i = 0;
+    int r;
+    while (i < n) {
+        const uint64_t *w = ops + (size_t)i * KVU_OP_WORDS;
+        unsigned len = kvu_chain_len(w, n - i);
+        if (io_uring_sq_space_left(e->ring) < len) {
+            r = enter(e);
+            if (r < 0 && r != -EAGAIN && r != -EBUSY && !i)
+                return r;
+            if (io_uring_sq_space_left(e->ring) < len)
+                break;
+        }
+        r = kvu_prep_ops(e->ring, w, len);
+        if (r < 0)
+            return i ? (int)i : r;
+        i += len;
+    }
+    if (io_uring_sq_ready(e->ring)) {
+        r = enter(e);
+        if (r < 0 && r != -EAGAIN && r != -EBUSY && !i)
+            return r;
+    }
+    e->sqes_submitted += i;
+    return (int)i;
+}
+
+int kvu_engine_submit(struct kvu_engine *e, const uint64_t *ops, unsigned n)
+{
+    if (!n)
+        return 0;
+    if (e->ring)
+        return ring_submit(e, ops, n);
+    e->sqes_submitted += n;
+    return kvu_pool_submit(e->pool, ops, n);
+}
+
+/* Every completion there is now (up to max); clears the eventfd first. */
+unsigned kvu_engine_reap(struct kvu_engine *e, uint64_t *ud, int32_t *res, unsigned max)
+{
+    uint64_t v;
+    unsigned n = 0, got;
+    while (read(e->efd, &v, sizeof v) < 0 && errno == EINTR)
+        ;
+    if (!e->ring) {
+        n = kvu_pool_reap(e->pool, ud, res, max);
+    } else {
+        if (e->defer_taskrun) {
+            io_uring_get_events(e->ring);
+            e->enter_calls++;
+        }
+        while (n < max && (got = kvu_reap(e->ring, ud + n, res + n, max - n)))
+            n += got;
+    }
+    e->cqes_reaped += n;
+    return n;
 }
