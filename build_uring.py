@@ -3,8 +3,9 @@
 Importing this module only builds an ``FFI`` description; nothing is compiled
 until setuptools (through ``cffi_modules``) or ``python build_uring.py`` asks.
 
-liburing is located with pkg-config.  Set ``KVURING_LIBURING_CFLAGS`` and
-``KVURING_LIBURING_LIBS`` to override (for a liburing built from source), or
+liburing and libxxhash are located with pkg-config.  Set
+``KVURING_LIBURING_CFLAGS`` and ``KVURING_LIBURING_LIBS`` (or
+``KVURING_XXHASH_LIBS``) to override (for a library built from source), or
 ``KVURING_PKG_CONFIG`` to name another pkg-config binary.
 """
 
@@ -237,36 +238,46 @@ WARNINGS = ["-Wall", "-Wextra"]
 SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"]
 
 
-def _pkg_config(*args: str) -> list[str]:
+# pkg-config name -> (Debian/Ubuntu package, environment variables that override it)
+_PACKAGES = {
+    "liburing": ("liburing-dev", "KVURING_LIBURING_CFLAGS and KVURING_LIBURING_LIBS"),
+    "libxxhash": ("libxxhash-dev", "KVURING_XXHASH_LIBS"),
+}
+
+
+def _pkg_config(package: str, *args: str) -> list[str]:
     tool = os.environ.get("KVURING_PKG_CONFIG", "pkg-config")
     try:
-        out = subprocess.run([tool, *args, "liburing"], check=True, capture_output=True, text=True)
+        out = subprocess.run([tool, *args, package], check=True, capture_output=True, text=True)
     except (OSError, subprocess.CalledProcessError) as exc:
+        deb, env = _PACKAGES[package]
         raise RuntimeError(
-            "liburing not found by pkg-config; install it (Debian/Ubuntu: "
-            "apt-get install liburing-dev pkg-config) or set KVURING_LIBURING_CFLAGS "
-            "and KVURING_LIBURING_LIBS"
+            f"{package} not found by pkg-config; install it (Debian/Ubuntu: "
+            f"apt-get install {deb} pkg-config) or set {env}"
         ) from exc
     return shlex.split(out.stdout)
 
 
-def _flags(env: str, *pkg_args: str) -> list[str]:
+def _flags(env: str, *pkg_args: str, package: str = "liburing") -> list[str]:
     if env in os.environ:
         return shlex.split(os.environ[env])
-    return _pkg_config(*pkg_args)
+    return _pkg_config(package, *pkg_args)
 
 
-def make_ffi() -> FFI:
+def make_ffi(csrc: str = CSRC) -> FFI:
     """Describe the extension; compiling is left to the caller.
 
     setuptools gets this function itself (``cffi_modules`` accepts a
-    callable), so importing the module runs no pkg-config.
+    callable), so importing the module runs no pkg-config.  ``csrc`` is
+    where the C sources are: relative for setuptools, absolute for
+    ``FFI.compile(tmpdir=...)``, which builds from inside ``tmpdir``.
     """
     ffi = FFI()
     ffi.cdef(CDEF_LIBURING)
     ffi.cdef(CDEF_KVURING)
     cflags = _flags("KVURING_LIBURING_CFLAGS", "--cflags")
     libs = _flags("KVURING_LIBURING_LIBS", "--libs")
+    libs += _flags("KVURING_XXHASH_LIBS", "--libs", package="libxxhash")
     compile_args = [*cflags, "-O2", *WARNINGS]
     link_args = list(libs)
     if os.environ.get("KVURING_STRICT_BUILD") == "1":
@@ -277,10 +288,10 @@ def make_ffi() -> FFI:
     ffi.set_source(
         "kvuring._uring",
         '#include "kvu.h"\n',
-        sources=[f"{CSRC}/{name}" for name in C_SOURCES],
-        include_dirs=[CSRC],
+        sources=[f"{csrc}/{name}" for name in C_SOURCES],
+        include_dirs=[csrc],
         # Rebuild when any C file changes, not only the generated wrapper.
-        depends=[f"{CSRC}/{name}" for name in (*C_SOURCES, *C_HEADERS)],
+        depends=[f"{csrc}/{name}" for name in (*C_SOURCES, *C_HEADERS)],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
         libraries=["pthread"],

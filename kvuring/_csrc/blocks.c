@@ -992,6 +992,8 @@ unsigned kvu_core_pump(struct kvu_core *c, uint64_t *ud, int32_t *res, unsigned 
 unsigned kvu_core_done(struct kvu_core *c, uint64_t *ids, unsigned max)
 {
     unsigned n = c->ndone < max ? c->ndone : max;
+    if (!n)
+        return 0;
     memcpy(ids, c->done, n * sizeof *ids);
     memmove(c->done, c->done + n, (c->ndone - n) * sizeof *ids);
     c->ndone -= n;

@@ -197,6 +197,10 @@ unsigned kvu_pool_reap(struct kvu_pool *p, uint64_t *ud, int32_t *res, unsigned 
     unsigned n;
     pthread_mutex_lock(&p->mu);
     n = p->cq_len < max ? p->cq_len : max;
+    if (!n) {
+        pthread_mutex_unlock(&p->mu);
+        return 0;
+    }
     memcpy(ud, p->cq_ud, n * sizeof *ud);
     memcpy(res, p->cq_res, n * sizeof *res);
     memmove(p->cq_ud, p->cq_ud + n, (p->cq_len - n) * sizeof *ud);
