@@ -168,18 +168,18 @@ struct kvu_engine {
 struct kvu_batch {
     uint64_t id; int kind; unsigned n, ready;
     const uint8_t *keys; const uint32_t *key_off; const uint64_t *addrs; const uint64_t *psums;
-    uint64_t *psum_out; int32_t *status; int32_t *error; unsigned defer_verify;
+    uint64_t *psum_out; int32_t *status; int32_t *error; unsigned defer_verify; unsigned quiet;
     unsigned next, pending, failed, corrupt, unverified, bounced; int cancelled, queued; ...;
 };
 struct kvu_core_stats {
     uint64_t stored, exists, hits, misses, corrupt, failures, deleted;
     uint64_t bytes_written, bytes_read, bounced, held, retries, stray;
-    uint64_t noreplace_fallbacks, ioprio_dropped; ...;
+    uint64_t noreplace_fallbacks, ioprio_dropped, fixed_transfers; ...;
 };
 struct kvu_core_config {
     int ns_fd; int reg_fd; uint64_t block_size; int verify; int direct; unsigned mem_align;
     unsigned slots; unsigned slot_base; unsigned skip_success; unsigned read_flags;
-    unsigned load_ioprio; unsigned store_limit; int noreplace; char suffix[8]; char marker[64]; ...;
+    unsigned load_ioprio; unsigned store_limit; uint64_t trailers; int trailer_index; int noreplace; char suffix[8]; char marker[64]; ...;
 };
 struct kvu_core;
 
@@ -214,6 +214,7 @@ struct kvu_core *kvu_core_new(const struct kvu_core_config *cfg, struct kvu_engi
 void kvu_core_free(struct kvu_core *c);
 void kvu_core_add(struct kvu_core *c, struct kvu_batch *b);
 void kvu_core_cancel(struct kvu_core *c, struct kvu_batch *b);
+int kvu_core_set_spans(struct kvu_core *c, const uint64_t *spans, unsigned n);
 unsigned kvu_core_drop_queued_stores(struct kvu_core *c);
 int kvu_core_flush(struct kvu_core *c);
 unsigned kvu_core_pump(struct kvu_core *c, uint64_t *ud, int32_t *res, unsigned max, unsigned *nother);

@@ -54,6 +54,7 @@ CORRUPT_REASONS: dict[int, str] = {
 STAT_FIELDS = (
     "stored", "exists", "hits", "misses", "corrupt", "failures", "deleted", "bytes_written",
     "bytes_read", "bounced", "held", "retries", "stray", "noreplace_fallbacks", "ioprio_dropped",
+    "fixed_transfers",
 )  # fmt: skip
 
 
@@ -71,6 +72,7 @@ class CoreBatch:
         *,
         ready: int | None = None,
         defer_verify: bool = False,
+        quiet: bool = False,
     ) -> None:
         n = len(keys)
         c = ffi.new("struct kvu_batch *")
@@ -101,6 +103,7 @@ class CoreBatch:
             self.psum_out = ffi.new("uint64_t[]", n)
             c.psum_out = self.psum_out
             c.defer_verify = 1
+        c.quiet = int(quiet)
 
     def give_psums(self) -> Any:
         """An array for the payload checksums of a store batch (filled before ``ready`` rises)."""
@@ -143,6 +146,8 @@ class BlockCore:
         read_flags: int,
         load_ioprio: int,
         store_limit: int,
+        trailers: int,
+        trailer_index: int,
         suffix: bytes,
         marker: bytes,
     ) -> None:
@@ -161,6 +166,8 @@ class BlockCore:
         cfg.read_flags = read_flags
         cfg.load_ioprio = load_ioprio
         cfg.store_limit = store_limit
+        cfg.trailers = trailers
+        cfg.trailer_index = trailer_index
         cfg.noreplace = 1
         cfg.suffix = suffix
         cfg.marker = marker
@@ -197,6 +204,17 @@ class BlockCore:
         """Drop the batch's blocks that have not started; those in flight finish."""
         if batch.c.id in self._batches:
             lib.kvu_core_cancel(self._c, batch.c)
+
+    def set_spans(self, spans: array[int]) -> None:
+        """The registered buffers, as (start, end, index) triples sorted by start."""
+        if self.closed:
+            return
+        n = len(spans) // 3
+        res = lib.kvu_core_set_spans(
+            self._c, ffi.from_buffer("uint64_t[]", spans) if n else ffi.NULL, n
+        )
+        if res < 0:
+            raise b.os_error(res)
 
     def drop_queued_stores(self) -> int:
         """Closing: store blocks held back for loads end FAILED without running."""

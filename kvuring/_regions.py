@@ -21,6 +21,8 @@ import errno
 import logging
 import mmap
 import weakref
+from array import array
+from collections.abc import Callable
 from typing import Any
 
 from kvuring import _binding as b
@@ -76,6 +78,19 @@ class FixedBuffers:
         self._refused: weakref.WeakSet[Any] = weakref.WeakSet()
         self._logged = False
         self.refusals = 0
+        #: called after the registered spans changed (the block core copies them)
+        self.on_change: Callable[[], None] | None = None
+
+    def span_words(self) -> array[int]:
+        """Every registered span as (start, end, slot) words, sorted by start."""
+        words = array("Q")
+        for span in self._spans:
+            words.extend(span)
+        return words
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     @property
     def active(self) -> bool:
@@ -122,6 +137,7 @@ class FixedBuffers:
         holders = getattr(obj, "_holders", None)
         if holders is not None:
             holders.add(self)
+        self._changed()
         return True
 
     def _refuse(self, obj: object, code: int, why: str) -> bool:
@@ -149,6 +165,7 @@ class FixedBuffers:
         keep = [(s, e, n) for s, e, n in self._spans if n not in slots]
         self._spans = keep
         self._starts = [s for s, _e, _n in keep]
+        self._changed()
         self._clear_slots(slots)
         b.ffi.release(pin)
         holders = getattr(obj, "_holders", None)

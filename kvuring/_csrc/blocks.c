@@ -62,6 +62,7 @@ struct block {
     uint8_t active, stage, nsteps, loud, retries;
     uint8_t first;               /* store: steps before the create (the leaf check) */
     uint8_t made_dirs, exists, retry_after_cleanup, sent_noreplace;
+    uint8_t ntransfer;           /* transfer steps in the chain: 1, or 2 with registered buffers */
     uint8_t flags[KVU_MAX_CHAIN];
     int32_t rule[KVU_MAX_CHAIN];
     int32_t res[KVU_MAX_CHAIN];
@@ -70,7 +71,7 @@ struct block {
     uint64_t user;               /* the caller's buffer */
     void *bounce;
     uint64_t psum;
-    uint64_t want;               /* bytes a transfer moves */
+    uint64_t want[2];            /* bytes each transfer moves */
     unsigned leaf_index;
     unsigned klen;
     uint8_t key[KVU_MAX_KEY];
@@ -93,7 +94,6 @@ struct kvu_core {
     struct block *blocks;
     unsigned *free_slots;
     unsigned nfree;
-    uint8_t *trailers;
     uint8_t *leaf_ready;          /* bitmap over the 2^20 leaves: known to exist */
     uint8_t *leaf_noted;          /* bitmap: in the writer registry */
     struct queue fast;            /* loads, stats, deletes */
@@ -112,6 +112,8 @@ struct kvu_core {
     uint64_t *rud;
     int32_t *rres;
     unsigned rcap;
+    uint64_t *spans;              /* registered buffers: (start, end, index) triples, sorted */
+    unsigned nspans;
     struct kvu_core_stats st;
 };
 
@@ -127,7 +129,7 @@ static unsigned slot_of(const struct kvu_core *c, const struct block *b)
 
 static uint8_t *trailer_of(const struct kvu_core *c, const struct block *b)
 {
-    return c->trailers + (size_t)(b - c->blocks) * KVU_TRAILER_SIZE;
+    return (uint8_t *)(uintptr_t)c->cfg.trailers + (size_t)(b - c->blocks) * KVU_TRAILER_SIZE;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -154,13 +156,12 @@ struct kvu_core *kvu_core_new(const struct kvu_core_config *cfg, struct kvu_engi
     c->how_create.resolve = resolve;
     c->blocks = calloc(cfg->slots, sizeof *c->blocks);
     c->free_slots = malloc(cfg->slots * sizeof *c->free_slots);
-    c->trailers = cfg->verify ? aligned_alloc(KVU_TRAILER_SIZE, (size_t)cfg->slots * KVU_TRAILER_SIZE) : NULL;
     c->leaf_ready = calloc(LEAVES / 8, 1);
     c->leaf_noted = calloc(LEAVES / 8, 1);
     c->rcap = 1024;
     c->rud = malloc(c->rcap * sizeof *c->rud);
     c->rres = malloc(c->rcap * sizeof *c->rres);
-    if (!c->blocks || !c->free_slots || (cfg->verify && !c->trailers) || !c->leaf_ready ||
+    if (!c->blocks || !c->free_slots || (cfg->verify && !cfg->trailers) || !c->leaf_ready ||
         !c->leaf_noted || !c->rud || !c->rres) {
         kvu_core_free(c);
         return NULL;
@@ -181,7 +182,7 @@ void kvu_core_free(struct kvu_core *c)
             free(c->blocks[i].bounce);
     free(c->blocks);
     free(c->free_slots);
-    free(c->trailers);
+    free(c->spans);
     free(c->leaf_ready);
     free(c->leaf_noted);
     free(c->words);
@@ -244,24 +245,92 @@ static void new_chain(struct block *b, enum stage stage)
 
 static uint64_t ptr(const void *p) { return (uint64_t)(uintptr_t)p; }
 
-/* The payload (and trailer) transfer of a load or store, as one step. */
+/* The registered buffer holding [addr, addr + len), or -1. */
+static int fixed_index(const struct kvu_core *c, uint64_t addr, uint64_t len)
+{
+    unsigned lo = 0, hi = c->nspans;
+    while (lo < hi) {
+        unsigned mid = (lo + hi) / 2;
+        if (c->spans[3 * mid] <= addr)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (!lo || addr + len > c->spans[3 * (lo - 1) + 1])
+        return -1;
+    return (int)c->spans[3 * (lo - 1) + 2];
+}
+
+/*
+ * The payload (and trailer) transfers of a load or store: one readv/writev
+ * of payload + trailer page, or with registered memory two fixed transfers
+ * (a fixed transfer takes one contiguous range), or the bare payload for
+ * verify=False.
+ */
 static void push_transfer(struct kvu_core *c, struct block *b, int reading, unsigned flags, unsigned prio)
 {
     uint64_t bs = c->cfg.block_size;
     unsigned slot = slot_of(c, b);
+    int fixed = -1;
+    if (c->nspans && !b->bounce && (!c->cfg.verify || c->cfg.trailer_index >= 0))
+        fixed = fixed_index(c, b->addr, bs);
+    if (fixed >= 0) {
+        int op = reading ? IORING_OP_READ_FIXED : IORING_OP_WRITE_FIXED;
+        c->st.fixed_transfers++;
+        b->want[0] = bs;
+        b->ntransfer = 1;
+        push(c, b, op, flags, slot, b->addr, bs, 0, 0, (uint64_t)fixed, prio, (int32_t)bs);
+        if (c->cfg.verify) {
+            b->want[1] = KVU_TRAILER_SIZE;
+            b->ntransfer = 2;
+            push(c, b, op, flags, slot, ptr(trailer_of(c, b)), KVU_TRAILER_SIZE, bs, 0,
+                 (uint64_t)c->cfg.trailer_index, prio, KVU_TRAILER_SIZE);
+        }
+        return;
+    }
+    b->ntransfer = 1;
     if (c->cfg.verify) {
         b->iov[0].iov_base = (void *)(uintptr_t)b->addr;
         b->iov[0].iov_len = bs;
         b->iov[1].iov_base = trailer_of(c, b);
         b->iov[1].iov_len = KVU_TRAILER_SIZE;
-        b->want = bs + KVU_TRAILER_SIZE;
+        b->want[0] = bs + KVU_TRAILER_SIZE;
         push(c, b, reading ? IORING_OP_READV : IORING_OP_WRITEV, flags, slot, ptr(b->iov), 2, 0, 0, 0,
-             prio, (int32_t)b->want);
+             prio, (int32_t)b->want[0]);
     } else {
-        b->want = bs;
+        b->want[0] = bs;
         push(c, b, reading ? IORING_OP_READ : IORING_OP_WRITE, flags, slot, b->addr, bs, 0, 0, 0, prio,
-             (int32_t)b->want);
+             (int32_t)bs);
     }
+}
+
+/* The first failed transfer: its negative result, 1 if one was short, or 0. */
+static int32_t transfer_failure(const struct block *b, const int32_t *res)
+{
+    unsigned i;
+    for (i = 0; i < b->ntransfer; i++)
+        if (res[i] != NONE && res[i] < 0)
+            return res[i];
+    for (i = 0; i < b->ntransfer; i++)
+        if (res[i] != NONE && (uint64_t)res[i] != b->want[i])
+            return 1;
+    return 0;
+}
+
+/* Replace the core's registered-buffer table (copied). */
+int kvu_core_set_spans(struct kvu_core *c, const uint64_t *spans, unsigned n)
+{
+    uint64_t *copy = NULL;
+    if (n) {
+        copy = malloc((size_t)n * 3 * sizeof *copy);
+        if (!copy)
+            return -ENOMEM;
+        memcpy(copy, spans, (size_t)n * 3 * sizeof *copy);
+    }
+    free(c->spans);
+    c->spans = copy;
+    c->nspans = n;
+    return 0;
 }
 
 static void load_begin(struct kvu_core *c, struct block *b)
@@ -452,13 +521,17 @@ static void load_check(struct kvu_core *c, struct block *b, int why)
 
 static void load_end(struct kvu_core *c, struct block *b)
 {
-    int32_t open = b->res[0], rd = b->res[1];
+    int32_t open = b->res[0], bad;
+    unsigned i;
+    int quiet = open == NONE;
     if (b->stage == ST_UNLINK) {
         finish(c, b, KVU_CORRUPT, b->error);
         return;
     }
-    if (open == NONE && rd == NONE) {
-        load_check(c, b, 0); /* open and read went well: only the close posted */
+    for (i = 0; i < b->ntransfer; i++)
+        quiet &= b->res[1 + i] == NONE;
+    if (quiet) {
+        load_check(c, b, 0); /* open and reads went well: only the close posted */
         return;
     }
     if (open != NONE && open < 0) {
@@ -470,20 +543,21 @@ static void load_end(struct kvu_core *c, struct block *b)
             finish(c, b, KVU_FAILED, fail(c, open));
         return;
     }
-    if (rd != NONE && rd < 0) {
-        if (rd == -EPERM && c->cfg.load_ioprio) {
+    bad = transfer_failure(b, b->res + 1);
+    if (bad < 0) {
+        if (bad == -EPERM && c->cfg.load_ioprio) {
             /* The kernel refused the realtime I/O class after all: drop it. */
             c->cfg.load_ioprio = 0;
             c->st.ioprio_dropped++;
             load_begin(c, b);
-        } else if (retry(c, b, rd)) {
+        } else if (retry(c, b, bad)) {
             load_begin(c, b);
         } else {
-            finish(c, b, KVU_FAILED, fail(c, rd));
+            finish(c, b, KVU_FAILED, fail(c, bad));
         }
         return;
     }
-    load_check(c, b, rd != NONE && (uint64_t)rd != b->want ? KVU_SHORT_READ : 0);
+    load_check(c, b, bad ? KVU_SHORT_READ : 0);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -550,6 +624,7 @@ static void store_after_rename(struct kvu_core *c, struct block *b, int32_t res)
 static void store_end(struct kvu_core *c, struct block *b)
 {
     const int32_t *res;
+    int32_t bad;
     switch (b->stage) {
     case ST_CLEANUP:
         if (b->retry_after_cleanup) {
@@ -600,20 +675,22 @@ static void store_end(struct kvu_core *c, struct block *b)
         return;
     }
     bit_set(c->leaf_ready, b->leaf_index);
-    if (res[1] != NONE && res[1] < 0) {
-        store_cleanup_or_retry(c, b, res[1], 1);
+    bad = transfer_failure(b, res + 1);
+    if (bad < 0) {
+        store_cleanup_or_retry(c, b, bad, 1);
         return;
     }
-    if (res[1] != NONE && (uint64_t)res[1] != b->want) {
+    if (bad) {
         /* A short write: the filesystem ran out of room part way. */
         store_cleanup(c, b, fail(c, -ENOSPC), 0, 1);
         return;
     }
-    if (res[2] != NONE && res[2] < 0) {
-        store_cleanup_or_retry(c, b, res[2], 1);
+    res += 1 + b->ntransfer;
+    if (res[0] != NONE && res[0] < 0) {
+        store_cleanup_or_retry(c, b, res[0], 1);
         return;
     }
-    store_after_rename(c, b, res[3] == NONE ? -ECANCELED : res[3]);
+    store_after_rename(c, b, res[1] == NONE ? -ECANCELED : res[1]);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -644,7 +721,7 @@ static void delete_end(struct kvu_core *c, struct block *b)
         else
             finish(c, b, KVU_FAILED, fail(c, dir));
     } else if (unlink == 0) {
-        if (!b->batch->defer_verify) /* for deletes: "quiet", a CORRUPT block's removal */
+        if (!b->batch->quiet)
             c->st.deleted++;
         finish(c, b, KVU_PRESENT, 0);
     } else if (unlink == NONE || unlink == -ENOENT) {

@@ -96,6 +96,7 @@ struct kvu_batch {
     int32_t *status;          /* out: KVU_* per block */
     int32_t *error;           /* out: errno (FAILED) or why (CORRUPT) */
     unsigned defer_verify;    /* loads: leave the payload check to the caller */
+    unsigned quiet;           /* deletes: removing CORRUPT blocks, not counted as deletes */
     /* counted by the core */
     unsigned next, pending, failed, corrupt, unverified, bounced;
     int cancelled, queued;
@@ -106,7 +107,7 @@ struct kvu_batch {
 struct kvu_core_stats {
     uint64_t stored, exists, hits, misses, corrupt, failures, deleted;
     uint64_t bytes_written, bytes_read, bounced, held, retries, stray;
-    uint64_t noreplace_fallbacks, ioprio_dropped;
+    uint64_t noreplace_fallbacks, ioprio_dropped, fixed_transfers;
 };
 
 struct kvu_core_config {
@@ -122,6 +123,8 @@ struct kvu_core_config {
     unsigned read_flags;        /* extra SQE flags for a load's read (IOSQE_ASYNC) */
     unsigned load_ioprio;
     unsigned store_limit;       /* store chains in flight while loads run; 0: no gate */
+    uint64_t trailers;          /* slots trailer pages (verify), page-aligned, owned by the caller */
+    int trailer_index;          /* the registered buffer holding them, or -1 */
     int noreplace;
     char suffix[8];             /* ".kvb" or ".bin" */
     char marker[64];            /* ".<writer token>." */
@@ -165,6 +168,7 @@ struct kvu_core *kvu_core_new(const struct kvu_core_config *cfg, struct kvu_engi
 void kvu_core_free(struct kvu_core *c);
 void kvu_core_add(struct kvu_core *c, struct kvu_batch *b);
 void kvu_core_cancel(struct kvu_core *c, struct kvu_batch *b);
+int kvu_core_set_spans(struct kvu_core *c, const uint64_t *spans, unsigned n);
 unsigned kvu_core_drop_queued_stores(struct kvu_core *c);
 int kvu_core_flush(struct kvu_core *c);
 unsigned kvu_core_pump(struct kvu_core *c, uint64_t *ud, int32_t *res, unsigned max, unsigned *nother);
