@@ -143,6 +143,7 @@ class BlockCore:
         direct: bool,
         mem_align: int,
         slots: int,
+        open_flags: int,
         read_flags: int,
         load_ioprio: int,
         store_limit: int,
@@ -163,6 +164,7 @@ class BlockCore:
         cfg.slots = slots
         cfg.slot_base = engine.core_slot_base
         cfg.skip_success = b.SQE_CQE_SKIP_SUCCESS
+        cfg.open_flags = open_flags
         cfg.read_flags = read_flags
         cfg.load_ioprio = load_ioprio
         cfg.store_limit = store_limit

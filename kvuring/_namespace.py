@@ -1,7 +1,7 @@
-"""What a store finds out about its namespace when it opens: direct I/O, read mode, I/O priority.
+"""Opening a namespace, and what a store finds out about it: direct I/O, read mode, I/O priority.
 
-Each is a small probe of the filesystem or the process, run once by
-:meth:`kvuring.store.BlockStore.open`.
+Each probe is a small look at the filesystem or the process, run once by
+:meth:`Namespace.open`.
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ import logging
 import mmap
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from kvuring import _binding as b
 from kvuring._format import TRAILER_SIZE
 from kvuring._fs import MEMORY_FILESYSTEMS, filesystem_of
-from kvuring._regions import aligned_buffer
+from kvuring._regions import AlignedBuffer, aligned_buffer
+from kvuring._writers import WriterRegistration, open_registry, remove_dead_writers
 
 log = logging.getLogger("kvuring")
 
@@ -118,3 +120,117 @@ def spread_reads(ns: str, direct_io: bool) -> tuple[str, bool]:
     """
     fstype = filesystem_of(ns)["type"]
     return fstype, fstype in MEMORY_FILESYSTEMS or not direct_io
+
+
+#: the upper fan-out directories: the first 3 hex digits of a key
+FANOUT = tuple(f"{i:03x}" for i in range(4096))
+
+
+class Namespace:
+    """An opened namespace: its directory descriptors, this writer's registration, what was probed.
+
+    Opening makes the directories, removes dead writers' temp files,
+    registers this writer and probes direct I/O.  The 4096 upper fan-out
+    directories are made once per namespace (with them in place a store
+    into a new leaf costs two operations in its chain: check the upper
+    directory, make the leaf); the block core makes any that vanish.  Both
+    front ends (the asyncio
+    :class:`~kvuring.store.BlockStore` and :class:`~kvuring.poll.PollingStore`)
+    open one.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        namespace: str,
+        block_size: int,
+        *,
+        verify: bool,
+        direct: bool | str,
+        prioritize_loads: bool,
+        queue_depth: int,
+    ) -> None:
+        self.root = root
+        self.namespace = namespace
+        self.path = os.path.join(root, namespace)
+        self.block_size = block_size
+        self.verify = verify
+        self.direct_requested = direct
+        self.prioritize_loads = prioritize_loads
+        self.queue_depth = queue_depth
+        self.ns_fd = -1
+        self.reg_fd = -1
+        self.writer: WriterRegistration | None = None
+        self.direct = DirectIO(False)
+        self.filesystem = "unknown"
+        self.spread_reads = False
+        self.load_ioprio = 0
+        self.dead_writers_cleaned = 0
+        self.trailers: AlignedBuffer | None = None
+        self.trailers_pin: Any = None
+
+    def open(self) -> Namespace:
+        os.makedirs(self.root, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self.path, 0o755)
+        # O_NOFOLLOW: a symlink in place of the namespace would send every
+        # write somewhere else.
+        self.ns_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            self.reg_fd = open_registry(self.ns_fd)
+            self.dead_writers_cleaned = remove_dead_writers(self.ns_fd, self.reg_fd)
+            self.writer = WriterRegistration(self.reg_fd)
+            self.direct = probe_direct(self.path, self.reg_fd, self.writer.token, self.block_size,
+                                       verify=self.verify, requested=self.direct_requested)  # fmt: skip
+            self.filesystem, self.spread_reads = spread_reads(self.path, self.direct.enabled)
+            self.load_ioprio = load_priority() if self.prioritize_loads else 0
+            if self.verify:
+                # One trailer page per slot of the block core.
+                self.trailers = aligned_buffer(self.queue_depth * TRAILER_SIZE)
+                self.trailers_pin = b.pin_buffer(self.trailers, writable=True)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    #: in the registry: the upper fan-out directories exist
+    FANOUT_MARKER = "fanout-ready"
+
+    def fanout_needed(self) -> bool:
+        """Whether the 4096 upper fan-out directories still have to be made (first open)."""
+        try:
+            os.stat(self.FANOUT_MARKER, dir_fd=self.reg_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return True
+        return False
+
+    def fanout_done(self) -> None:
+        flags = os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        os.close(os.open(self.FANOUT_MARKER, flags, 0o600, dir_fd=self.reg_fd))
+
+    def make_fanout(self) -> None:
+        """Make the upper fan-out directories with plain syscalls (the polling front end)."""
+        if not self.fanout_needed():
+            return
+        for name in FANOUT:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o755, dir_fd=self.ns_fd)
+        self.fanout_done()
+
+    @property
+    def trailers_addr(self) -> int:
+        return b.address_of(self.trailers_pin) if self.trailers_pin is not None else 0
+
+    def close(self) -> None:
+        """Unregister this writer and close the descriptors; idempotent."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        for name in ("reg_fd", "ns_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+        if self.trailers_pin is not None:
+            b.ffi.release(self.trailers_pin)
+            self.trailers_pin = None

@@ -337,7 +337,7 @@ static void load_begin(struct kvu_core *c, struct block *b)
 {
     unsigned slot = slot_of(c, b);
     new_chain(b, ST_MAIN);
-    push(c, b, IORING_OP_OPENAT2, L_ | S_ | A_, c->cfg.ns_fd, ptr(b->path), 0, 0, 0, ptr(&c->how_read),
+    push(c, b, IORING_OP_OPENAT2, L_ | S_ | c->cfg.open_flags, c->cfg.ns_fd, ptr(b->path), 0, 0, 0, ptr(&c->how_read),
          slot + 1, R_NEGATIVE);
     /* Hard link: the close runs whatever the read did, so the slot is freed. */
     push_transfer(c, b, 1, H_ | S_ | F_ | c->cfg.read_flags, c->cfg.load_ioprio);

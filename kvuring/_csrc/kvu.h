@@ -120,6 +120,7 @@ struct kvu_core_config {
     unsigned slots;             /* blocks in flight at most */
     unsigned slot_base;         /* the first direct-descriptor slot the core may use */
     unsigned skip_success;      /* IOSQE_CQE_SKIP_SUCCESS, or 0 where unsupported */
+    unsigned open_flags;        /* extra SQE flags for a load's open (IOSQE_ASYNC) */
     unsigned read_flags;        /* extra SQE flags for a load's read (IOSQE_ASYNC) */
     unsigned load_ioprio;
     unsigned store_limit;       /* store chains in flight while loads run; 0: no gate */

@@ -1,0 +1,414 @@
+"""One batch call from arguments to statuses, written once for every front end.
+
+:class:`BatchRunner` checks a call's arguments, hands the batch to the C
+block core in one call, checksums big blocks on worker threads (C, without
+the GIL), removes blocks found CORRUPT there, logs what failed and calls
+``done(job)`` on the owner's thread.  It knows no event loop: a front end
+gives it two callbacks --
+
+* ``kick()``: submit soon, on the owner's thread (asyncio: this loop
+  iteration's flush; polling: at once);
+* ``post(fn)``: run ``fn`` on the owner's thread, callable from any thread
+  (asyncio: ``call_soon_threadsafe``; polling: the next ``poll()``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import functools
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from kvuring import _binding as b
+from kvuring import _blocks as core_api
+from kvuring._blocks import BlockCore, CoreBatch
+from kvuring._driver import Driver
+from kvuring._format import MAX_KEY_BYTES, RAW_SUFFIX, VERIFIED_SUFFIX, block_relpath, key_bytes
+from kvuring._gate import STORES_DURING_LOADS
+from kvuring._namespace import Namespace
+from kvuring._regions import AlignedBuffer, FixedBuffers
+from kvuring._writers import tmp_suffix
+from kvuring.engine import Engine
+from kvuring.status import STATUS_OF, Status
+
+log = logging.getLogger("kvuring")
+_from_buffer = b.ffi.from_buffer
+
+#: blocks at least this big, in calls of more than one block, are checksummed
+#: on worker threads (C, without the GIL) instead of the owner's thread
+HASH_OFFLOAD_MIN = 256 * 1024
+
+#: counters the block core keeps, added into stats()
+CORE_COUNTERS = ("stored", "exists", "hits", "misses", "corrupt", "failures", "deleted",
+                 "bytes_written", "bytes_read", "bounced", "fixed_transfers")  # fmt: skip
+
+Post = Callable[[Callable[[], None]], None]
+
+
+class Job:
+    """One call in flight: its batch, its keys, and what to call when it is over."""
+
+    __slots__ = ("batch", "cancelled", "done", "kbs", "kind", "over", "waiting")
+
+    def __init__(self, kind: int, kbs: list[bytes], batch: CoreBatch, done: Callable[[Job], None]):
+        self.kind = kind
+        self.kbs = kbs
+        self.batch = batch
+        self.done = done
+        self.waiting = 0  # hash-thread results still to come
+        self.cancelled = False
+        self.over = False
+
+    def statuses(self) -> list[Any]:
+        """Status per block (stores, loads) or bool per block (presence checks, deletes)."""
+        if self.kind in (core_api.STAT, core_api.DELETE):
+            return [status == core_api.PRESENT for status in self.batch.status]
+        return list(map(STATUS_OF.__getitem__, self.batch.status))
+
+    def failed(self, index: int) -> bool:
+        return self.batch.status[index] == core_api.FAILED
+
+
+def start_core(
+    ns: Namespace, engine: Engine, driver: Driver, *, fixed_buffers: bool, prioritize_loads: bool
+) -> tuple[BlockCore, FixedBuffers | None, bool]:
+    """The block core for ``ns`` on ``engine``, attached to ``driver``; registered buffers if asked.
+
+    Returns the core, the registered-buffer table (``fixed_buffers``) and
+    whether fixed transfers are on (False when even the trailer pages
+    could not be registered: RLIMIT_MEMLOCK).
+    """
+    assert ns.writer is not None
+    fixed: FixedBuffers | None = None
+    trailer_index = -1
+    ready = False
+    if fixed_buffers:
+        # The trailer pages are registered first: a fixed transfer of a
+        # verified block needs both its payload and its trailer registered.
+        fixed = FixedBuffers(engine)
+        ready = ns.trailers is None
+        if ns.trailers is not None and fixed.add(ns.trailers):
+            trailer_index = fixed.slot_for(ns.trailers_addr, len(ns.trailers))
+            ready = True
+    core = BlockCore(
+        engine,
+        ns_fd=ns.ns_fd,
+        reg_fd=ns.writer.fd,
+        block_size=ns.block_size,
+        verify=ns.verify,
+        direct=ns.direct.enabled,
+        mem_align=ns.direct.mem_align,
+        slots=ns.queue_depth,
+        open_flags=b.SQE_ASYNC,
+        read_flags=b.SQE_ASYNC if ns.spread_reads else 0,
+        load_ioprio=ns.load_ioprio,
+        store_limit=STORES_DURING_LOADS if prioritize_loads else 0,
+        trailers=ns.trailers_addr,
+        trailer_index=trailer_index,
+        suffix=(VERIFIED_SUFFIX if ns.verify else RAW_SUFFIX).encode(),
+        marker=tmp_suffix(ns.writer.token),
+    )
+    driver.attach_core(core)
+    if fixed is not None and ready:
+        spans = fixed
+        fixed.on_change = lambda: core.set_spans(spans.span_words())
+        fixed.on_change()
+    return core, fixed, ready
+
+
+class BatchRunner:
+    """Stores, loads, presence checks and deletes as jobs on one block core."""
+
+    def __init__(
+        self,
+        ns: Namespace,
+        core: BlockCore,
+        fixed: FixedBuffers | None,
+        *,
+        kick: Callable[[], None],
+        post: Post,
+        hash_threads: int | None = None,
+    ) -> None:
+        self.ns = ns
+        self.core = core
+        self.fixed = fixed
+        self.block_size = ns.block_size
+        self.verify = ns.verify
+        self.suffix = (VERIFIED_SUFFIX if ns.verify else RAW_SUFFIX).encode()
+        self._kick = kick
+        self._post = post
+        self._hash_threads = hash_threads or max(2, min(8, os.cpu_count() or 2))
+        self._hash_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._bounce_logged = False
+        self._noreplace_logged = False
+        self._failure_logged: set[int] = set()
+        self.counts: dict[str, int] = dict.fromkeys(
+            ("puts", "gets", "contains", "deletes", "hits", "bytes_read", "corrupt",
+             "offloaded_checksums"),
+            0,
+        )  # fmt: skip
+
+    # -- arguments -------------------------------------------------------------------
+    def key_list(self, keys: Sequence[object]) -> list[bytes]:
+        if isinstance(keys, (bytes, str, int)):
+            raise TypeError("keys must be a sequence of keys, not a single key")
+        return [
+            k if type(k) is bytes and 0 < len(k) <= MAX_KEY_BYTES else key_bytes(k) for k in keys
+        ]
+
+    def _check_views(self, bufs: Sequence[object], *, writable: bool) -> None:
+        """Raise the precise error for the first unfit buffer (the slow path of _pins)."""
+        size = self.block_size
+        for buf in bufs:
+            try:
+                view = memoryview(buf)  # type: ignore[arg-type]
+            except TypeError:
+                raise TypeError(
+                    f"buffer must support the buffer protocol, not {type(buf).__name__}"
+                ) from None
+            if view.nbytes != size:
+                raise ValueError(f"buffer is {view.nbytes} bytes, block_size is {size}")
+            if writable and view.readonly:
+                raise TypeError(
+                    "get needs a writable buffer (bytearray, mmap, memoryview of one, ...)"
+                )
+            if not view.c_contiguous:
+                raise ValueError("buffer must be C-contiguous")
+
+    def _pins(self, bufs: Sequence[object], n: int, *, writable: bool) -> list[Any]:
+        """Pin every buffer (one cffi call each); the precise error when one is unfit."""
+        if isinstance(bufs, (bytes, bytearray, memoryview)):
+            raise TypeError("bufs must be a sequence of buffers, not a single buffer")
+        if len(bufs) != n:
+            raise ValueError(f"{n} keys but {len(bufs)} buffers")
+        size = self.block_size
+        try:
+            pins = [_from_buffer(buf, require_writable=writable) for buf in bufs]
+        except (TypeError, BufferError, ValueError) as exc:
+            self._check_views(bufs, writable=writable)
+            raise TypeError(f"buffers must be writable, contiguous buffers: {exc}") from exc
+        if pins and (min(map(len, pins)) != size or max(map(len, pins)) != size):
+            for pin in pins:
+                b.ffi.release(pin)
+            self._check_views(bufs, writable=writable)
+            raise ValueError(f"every buffer must be {size} bytes")
+        if self.fixed is not None:
+            self._register_regions(bufs)
+        return pins
+
+    def _register_regions(self, bufs: Sequence[object]) -> None:
+        # aligned_buffer regions are registered on first sight (fixed buffers only).
+        fixed = self.fixed
+        assert fixed is not None
+        last: object = None
+        for buf in bufs:
+            obj = buf.obj if isinstance(buf, memoryview) else buf
+            if obj is not last and isinstance(obj, AlignedBuffer):
+                last = obj
+                if not fixed.known(obj):
+                    fixed.add(obj)
+
+    # -- jobs ------------------------------------------------------------------------
+    def put(
+        self, keys: Sequence[object], bufs: Sequence[object], done: Callable[[Job], None]
+    ) -> Job:
+        kbs = self.key_list(keys)
+        pins = self._pins(bufs, len(kbs), writable=False)
+        self.counts["puts"] += len(kbs)
+        offload = self._offload_hashing(len(kbs))
+        job = Job(
+            core_api.STORE,
+            kbs,
+            CoreBatch(core_api.STORE, kbs, pins, ready=0 if offload else None),
+            done,
+        )
+        self._start(job)
+        if offload:
+            self._sum_stores(job)
+        return job
+
+    def get(
+        self, keys: Sequence[object], bufs: Sequence[object], done: Callable[[Job], None]
+    ) -> Job:
+        kbs = self.key_list(keys)
+        pins = self._pins(bufs, len(kbs), writable=True)
+        self.counts["gets"] += len(kbs)
+        batch = CoreBatch(core_api.LOAD, kbs, pins, defer_verify=self._offload_hashing(len(kbs)))
+        job = Job(core_api.LOAD, kbs, batch, done)
+        self._start(job)
+        return job
+
+    def presence(self, kind: int, keys: Sequence[object], done: Callable[[Job], None]) -> Job:
+        """A presence check (STAT) or a delete (DELETE) of every key."""
+        kbs = self.key_list(keys)
+        self.counts["contains" if kind == core_api.STAT else "deletes"] += len(kbs)
+        job = Job(kind, kbs, CoreBatch(kind, kbs, None), done)
+        self._start(job)
+        return job
+
+    def _start(self, job: Job) -> None:
+        self.core.add(job.batch, lambda _batch: self._core_done(job))
+        self._kick()
+
+    def cancel(self, job: Job) -> None:
+        """The caller gave up: blocks not started are dropped, those in flight finish
+        on their own (absent or intact) and keep their buffers until then."""
+        if job.over:
+            return
+        job.cancelled = True
+        self.core.cancel(job.batch)
+        self._kick()
+
+    def _core_done(self, job: Job) -> None:
+        batch = job.batch
+        if batch.c.unverified and not job.cancelled:
+            self._verify_loads(job)
+        else:
+            self._finish(job)
+
+    def _finish(self, job: Job) -> None:
+        job.over = True
+        self._report(job)
+        job.done(job)
+
+    # -- checksums on worker threads --------------------------------------------------
+    def _offload_hashing(self, n: int) -> bool:
+        return self.verify and n > 1 and self.block_size >= HASH_OFFLOAD_MIN
+
+    def _on_hash_thread(
+        self, job: Job, fn: Any, args: tuple[Any, ...], then: Callable[[Any], None]
+    ) -> None:
+        """``fn(*args)`` (C, without the GIL) on a hash thread, then ``then(result)`` on the owner's.
+
+        The batch's buffers stay held until the thread is done, also if the
+        job was cancelled meanwhile: a running thread cannot be stopped.
+        """
+        if self._hash_pool is None:
+            self._hash_pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=self._hash_threads, thread_name_prefix="kvuring-hash"
+            )
+        batch = job.batch
+        batch.hold()
+        job.waiting += 1
+
+        def back(work: concurrent.futures.Future[Any]) -> None:
+            def run() -> None:
+                job.waiting -= 1
+                batch.unhold()
+                then(work.result())
+
+            self._post(run)
+
+        self._hash_pool.submit(fn, *args).add_done_callback(back)
+
+    def _sum_stores(self, job: Job) -> None:
+        """Big blocks: checksum on the hash threads; each group starts once its sums are in,
+        so hashing overlaps the writes."""
+        batch = job.batch
+        psums = batch.give_psums()
+        n = batch.n
+        self.counts["offloaded_checksums"] += n
+        size = -(-n // (2 * self._hash_threads))  # about two groups per thread
+        addrs = batch.c.addrs
+        done_upto = [0] * -(-n // size)
+        ready = [0]
+
+        def group_done(g: int, hi: int, _result: None) -> None:
+            done_upto[g] = hi
+            # Groups finish out of order; blocks start in order.
+            while ready[0] < len(done_upto) and done_upto[ready[0]]:
+                ready[0] += 1
+            if not job.cancelled and ready[0]:
+                self.core.set_ready(batch, done_upto[ready[0] - 1])
+                self._kick()
+
+        for g, lo in enumerate(range(0, n, size)):
+            hi = min(lo + size, n)
+            args = (addrs, hi, lo, 1, self.block_size, psums)
+            self._on_hash_thread(
+                job, core_api.checksums, args, functools.partial(group_done, g, hi)
+            )
+
+    def _verify_loads(self, job: Job) -> None:
+        """Compare the deferred payload checksums on the hash threads; HIT or CORRUPT (and removed)."""
+        batch = job.batch
+        todo = int(batch.c.unverified)
+        self.counts["offloaded_checksums"] += todo
+        k = min(batch.n, self._hash_threads)
+        bad = [0]
+
+        def checked(found: int) -> None:
+            bad[0] += found
+            if job.waiting:
+                return
+            self.counts["hits"] += todo - bad[0]
+            self.counts["bytes_read"] += (todo - bad[0]) * self.block_size
+            if not bad[0]:
+                self._finish(job)
+                return
+            self.counts["corrupt"] += bad[0]
+            batch.c.corrupt += bad[0]
+            corrupt = [kb for kb, st in zip(job.kbs, batch.status) if st == core_api.CORRUPT]
+            removal = CoreBatch(core_api.DELETE, corrupt, None, quiet=True)
+
+            def removed(_removal: CoreBatch) -> None:
+                self._finish(job)
+
+            self.core.add(removal, removed)
+            self._kick()
+
+        for i in range(k):
+            self._on_hash_thread(job, core_api.verify, (batch, i, k, self.block_size), checked)
+
+    # -- results -----------------------------------------------------------------------
+    def _report(self, job: Job) -> None:
+        """Log what went wrong (the core counted it): each new errno once, each corrupt block."""
+        c = job.batch.c
+        if c.failed or c.corrupt:
+            for kb, status, code in zip(job.kbs, job.batch.status, job.batch.error):
+                if status == core_api.FAILED and code not in self._failure_logged:
+                    self._failure_logged.add(code)
+                    log.error("kvuring: block I/O failed: %s (further %s errors are only counted)",
+                              self.error(kb, code), errno.errorcode.get(code, code))  # fmt: skip
+                elif status == core_api.CORRUPT:
+                    log.warning("kvuring: corrupt block %s (%s); removing it", self.block_path(kb),
+                                core_api.CORRUPT_REASONS.get(code, code))  # fmt: skip
+        if c.bounced and not self._bounce_logged:
+            self._bounce_logged = True
+            log.warning(
+                "kvuring: buffer not aligned to %d bytes for O_DIRECT; copying through an aligned "
+                "buffer (use kvuring.aligned_buffer to avoid the copy)", self.ns.direct.mem_align,
+            )  # fmt: skip
+        if job.kind == core_api.STORE and not self._noreplace_logged and not self.core.noreplace:
+            self._noreplace_logged = True
+            log.warning("kvuring: %s rejects RENAME_NOREPLACE; using plain rename", self.ns.path)
+
+    def block_path(self, kb: bytes) -> str:
+        return os.path.join(self.ns.path, os.fsdecode(block_relpath(kb, self.suffix)[1]))
+
+    def error(self, kb: bytes, code: int) -> OSError:
+        return OSError(code, os.strerror(code), self.block_path(kb))
+
+    def one(self, job: Job) -> Status:
+        """The single block's status; its OSError if it FAILED."""
+        if job.failed(0):
+            raise self.error(job.kbs[0], job.batch.error[0])
+        status: Status = STATUS_OF[job.batch.status[0]]
+        return status
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.counts)
+        cs = self.core.stats()
+        for name in CORE_COUNTERS:
+            out[name] = out.get(name, 0) + cs[name]
+        out["stores_held_for_loads"] = cs["held"]
+        out["retries"] = cs["retries"]
+        return out
+
+    def close(self) -> None:
+        if self._hash_pool is not None:
+            self._hash_pool.shutdown(wait=True)
+            self._hash_pool = None
