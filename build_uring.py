@@ -178,7 +178,7 @@ struct kvu_core_stats {
 };
 struct kvu_core_config {
     int ns_fd; int reg_fd; uint64_t block_size; int verify; int direct; unsigned mem_align;
-    unsigned slots; unsigned slot_base; unsigned skip_success; unsigned read_flags;
+    unsigned slots; unsigned slot_base; unsigned skip_success; unsigned open_flags; unsigned read_flags;
     unsigned load_ioprio; unsigned store_limit; uint64_t trailers; int trailer_index; int noreplace; char suffix[8]; char marker[64]; ...;
 };
 struct kvu_core;
