@@ -138,6 +138,8 @@ case "$cmd" in
         "$VENV/bin/mypy"
         say "pytest"
         "$VENV/bin/python" -m pytest -rs "$@"
+        say "the C core built with AddressSanitizer + UndefinedBehaviorSanitizer, and its tests (tests/sanitize.sh)"
+        PYTHON="$VENV/bin/python" tests/sanitize.sh
         ;;
     bench)
         setup
