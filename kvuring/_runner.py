@@ -102,7 +102,7 @@ def start_core(
         direct=ns.direct.enabled,
         mem_align=ns.direct.mem_align,
         slots=ns.queue_depth,
-        open_flags=b.SQE_ASYNC,
+        open_flags=b.SQE_ASYNC if os.environ.get("KVX_OPEN", "1") == "1" else 0,
         read_flags=b.SQE_ASYNC if ns.spread_reads else 0,
         load_ioprio=ns.load_ioprio,
         store_limit=STORES_DURING_LOADS if prioritize_loads else 0,
@@ -276,6 +276,9 @@ class BatchRunner:
 
     # -- checksums on worker threads --------------------------------------------------
     def _offload_hashing(self, n: int) -> bool:
+        # Otherwise the block core checksums: on the thread engine the worker
+        # that moves the block does (KVU_OP_CHECKSUM / KVU_OP_SEAL steps), on
+        # io_uring the thread that reaps.
         return self.verify and n > 1 and self.block_size >= HASH_OFFLOAD_MIN
 
     def _on_hash_thread(

@@ -246,8 +246,11 @@ async def test_cancelled_get_many_leaves_store_working(root: Path, backend: str)
             task = asyncio.ensure_future(store.get_many(keys, out))
             await asyncio.sleep(delay)
             task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            try:
+                # 300 small loads can finish within the millisecond.
+                assert await task == [Status.HIT] * len(keys), delay
+            except asyncio.CancelledError:
+                assert delay or task.cancelled()
         assert await _check_absent_or_intact(store, root, keys, BS) == len(keys)
         assert store.stats()["corrupt"] == 0
 

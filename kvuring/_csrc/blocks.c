@@ -40,6 +40,7 @@
 
 #define NONE INT32_MIN /* no completion seen for this step */
 #define MAX_RETRIES 8  /* EAGAIN / EINTR, per block */
+#define REFILL_EVERY 16 /* completions dispatched between submits, within one pump */
 
 #define S_ IOSQE_CQE_SKIP_SUCCESS
 #define L_ IOSQE_IO_LINK
@@ -60,9 +61,11 @@ struct block {
     unsigned index;
     uint32_t gen;
     uint8_t active, stage, nsteps, loud, retries;
-    uint8_t first;               /* store: steps before the create (the leaf check) */
+    uint8_t first;               /* store: steps before the create (leaf check, seal) */
+    uint8_t dircheck;            /* store: the chain starts with the leaf check */
     uint8_t made_dirs, exists, retry_after_cleanup, sent_noreplace;
     uint8_t ntransfer;           /* transfer steps in the chain: 1, or 2 with registered buffers */
+    uint8_t hashed;              /* load: the engine computed `computed` (KVU_OP_CHECKSUM) */
     uint8_t flags[KVU_MAX_CHAIN];
     int32_t rule[KVU_MAX_CHAIN];
     int32_t res[KVU_MAX_CHAIN];
@@ -71,6 +74,7 @@ struct block {
     uint64_t user;               /* the caller's buffer */
     void *bounce;
     uint64_t psum;
+    uint64_t computed;           /* load: the payload's xxh3, from a KVU_OP_CHECKSUM step */
     uint64_t want[2];            /* bytes each transfer moves */
     unsigned leaf_index;
     unsigned klen;
@@ -341,7 +345,18 @@ static void load_begin(struct kvu_core *c, struct block *b)
          slot + 1, R_NEGATIVE);
     /* Hard link: the close runs whatever the read did, so the slot is freed. */
     push_transfer(c, b, 1, H_ | S_ | F_ | c->cfg.read_flags, c->cfg.load_ioprio);
+    /* The thread engine checksums on the worker that read the block. */
+    b->hashed = c->cfg.verify && c->eng->pool != NULL && !b->batch->defer_verify;
+    if (b->hashed)
+        push(c, b, KVU_OP_CHECKSUM, H_ | S_, 0, b->addr, c->cfg.block_size, 0, ptr(&b->computed), 0, 0,
+             R_NEGATIVE);
     push(c, b, IORING_OP_CLOSE, 0, 0, 0, 0, 0, 0, 0, slot + 1, R_NEGATIVE);
+}
+
+/* Whether a store's trailer is packed by the thread engine's worker (KVU_OP_SEAL). */
+static int sealed_by_worker(const struct kvu_core *c, const struct kvu_batch *batch)
+{
+    return c->cfg.verify && c->eng->pool != NULL && !batch->psums;
 }
 
 static void store_begin(struct kvu_core *c, struct block *b)
@@ -350,6 +365,7 @@ static void store_begin(struct kvu_core *c, struct block *b)
     int ns = c->cfg.ns_fd;
     new_chain(b, ST_MAIN);
     b->first = 0;
+    b->dircheck = 0;
     if (!bit_get(c->leaf_ready, b->leaf_index)) {
         /* A leaf not known to exist: check its upper directory is a real one
          * beneath the namespace, then make the leaf (EEXIST is fine, the
@@ -358,11 +374,19 @@ static void store_begin(struct kvu_core *c, struct block *b)
              R_NEGATIVE);
         push(c, b, IORING_OP_MKDIRAT, H_ | S_, ns, ptr(b->leaf), 0, 0, 0, 0755, 0, R_CANCELLED);
         b->first = 2;
+        b->dircheck = 1;
+    }
+    if (sealed_by_worker(c, b->batch)) {
+        /* The thread engine checksums and packs the trailer on the worker
+         * that writes the block. */
+        push(c, b, KVU_OP_SEAL, L_ | S_, 0, b->addr, c->cfg.block_size, 0, ptr(trailer_of(c, b)), ptr(b->key),
+             b->klen, R_NEGATIVE);
+        b->first++;
+    } else if (c->cfg.verify) {
+        kvu_pack_trailer(trailer_of(c, b), b->key, b->klen, c->cfg.block_size, b->psum);
     }
     push(c, b, IORING_OP_OPENAT2, L_ | S_ | A_, ns, ptr(b->tmp), 0, 0, 0, ptr(&c->how_create), slot + 1,
          R_NEGATIVE);
-    if (c->cfg.verify)
-        kvu_pack_trailer(trailer_of(c, b), b->key, b->klen, c->cfg.block_size, b->psum);
     push_transfer(c, b, 0, L_ | S_ | F_, 0);
     push(c, b, IORING_OP_CLOSE, L_ | S_, 0, 0, 0, 0, 0, 0, slot + 1, R_NEGATIVE);
     b->sent_noreplace = (uint8_t)c->cfg.noreplace;
@@ -495,15 +519,18 @@ static void load_check(struct kvu_core *c, struct block *b, int why)
         uint64_t psum = 0;
         why = kvu_check_trailer(trailer_of(c, b), b->key, b->klen, bs, &psum);
         if (!why) {
-            if (b->batch->defer_verify && !b->bounce) {
+            if (b->hashed) {
+                if (b->computed != psum)
+                    why = KVU_BAD_PAYLOAD_SUM;
+            } else if (b->batch->defer_verify && !b->bounce) {
                 /* The caller compares the payload checksums of the batch on
                  * worker threads once its reads are done. */
                 b->batch->psum_out[b->index] = psum;
                 finish(c, b, KVU_UNVERIFIED, 0);
                 return;
-            }
-            if (kvu_checksum((const void *)(uintptr_t)b->addr, bs) != psum)
+            } else if (kvu_checksum((const void *)(uintptr_t)b->addr, bs) != psum) {
                 why = KVU_BAD_PAYLOAD_SUM;
+            }
         }
     }
     if (!why) {
@@ -652,7 +679,7 @@ static void store_end(struct kvu_core *c, struct block *b)
     default:
         break;
     }
-    if (b->first) {
+    if (b->dircheck) {
         /* The upper-directory check failed: missing (make it, checked) or
          * not a real directory (never write through it). */
         int32_t check = b->res[0];
@@ -905,7 +932,7 @@ static void start_block(struct kvu_core *c, struct kvu_batch *batch)
             finish(c, b, KVU_FAILED, fail(c, -ENAMETOOLONG));
             return;
         }
-        b->psum = !c->cfg.verify ? 0
+        b->psum = !c->cfg.verify || sealed_by_worker(c, batch) ? 0
                   : batch->psums ? batch->psums[i]
                                  : kvu_checksum((const void *)(uintptr_t)b->addr, bs);
     }
@@ -1059,6 +1086,11 @@ unsigned kvu_core_pump(struct kvu_core *c, uint64_t *ud, int32_t *res, unsigned 
                 res[other] = c->rres[i];
                 other++;
             }
+            /* Refill as slots free up rather than after the whole burst:
+             * verifying a burst of loads takes long enough to leave the
+             * device (or the workers) idle meanwhile. */
+            if ((i + 1) % REFILL_EVERY == 0)
+                kvu_core_flush(c);
         }
     }
     *nother = other;

@@ -159,6 +159,15 @@ static int64_t kvu_exec_one(const uint64_t *w, int *files, unsigned nfiles, int6
         return -ENOENT;
     case IORING_OP_LINK_TIMEOUT:
         return -ECANCELED;
+    case KVU_OP_CHECKSUM:
+        /* addr, len: the payload; arg1: where its xxh3 goes */
+        *(uint64_t *)(uintptr_t)w[7] = kvu_checksum(addr, len);
+        return 0;
+    case KVU_OP_SEAL:
+        /* addr, len: the payload; arg1: the trailer page; arg2, arg3: the key */
+        kvu_pack_trailer((uint8_t *)(uintptr_t)w[7], (const uint8_t *)(uintptr_t)w[8], (unsigned)w[9],
+                         len, kvu_checksum(addr, len));
+        return 0;
     default:
         return -EINVAL;
     }

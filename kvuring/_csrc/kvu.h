@@ -31,6 +31,16 @@
  */
 #define KVU_OP_WORDS 10
 
+/*
+ * Steps only the thread engine runs (kvu_run_chain), so that a block's
+ * checksum is computed by the worker that moved its bytes, in parallel,
+ * rather than by the thread that reaps: the payload's xxh3 after a load's
+ * read, and the trailer (payload xxh3 included) before a store's write.
+ * Opcodes past io_uring's own; kvu_prep_ops refuses them.
+ */
+#define KVU_OP_CHECKSUM 240
+#define KVU_OP_SEAL 241
+
 #define KVU_MAX_CHAIN 16     /* steps a chain may have (user_data has 4 step bits) */
 #define KVU_TRAILER_SIZE 4096
 #define KVU_MAX_KEY 64

@@ -34,6 +34,7 @@ struct kvu_pool {
     unsigned nfiles;
     struct kvu_chain *head, *tail;
     unsigned running; /* chains queued or being run */
+    unsigned idle;    /* workers waiting for a chain */
     uint64_t *cq_ud;
     int32_t *cq_res;
     unsigned cq_len, cq_cap;
@@ -83,8 +84,12 @@ static void *worker(void *arg)
     for (;;) {
         struct kvu_chain *c;
         unsigned posted;
-        while (!p->head && !p->stop)
+        int wake;
+        while (!p->head && !p->stop) {
+            p->idle++;
             pthread_cond_wait(&p->work, &p->mu);
+            p->idle--;
+        }
         if (!p->head)
             break; /* stopping, and nothing left to run */
         c = p->head;
@@ -104,6 +109,9 @@ static void *worker(void *arg)
             }
             posted = kvu_run_chain(c->words, c->n, p->files, p->nfiles, ud, res);
             pthread_mutex_lock(&p->mu);
+            /* Only the first completion after a reap wakes the owner: the
+             * reap takes everything queued, under this lock. */
+            wake = !p->cq_len && posted;
             if (post_locked(p, ud, res, posted) < 0)
                 abort();
             if (ud != ud_local) {
@@ -112,10 +120,13 @@ static void *worker(void *arg)
             }
         }
         p->running--;
+        if (!p->running)
+            wake = 1; /* a drain waits for this */
         pthread_cond_broadcast(&p->progress);
         pthread_mutex_unlock(&p->mu);
         free(c);
-        signal_efd(p->efd);
+        if (wake)
+            signal_efd(p->efd);
         pthread_mutex_lock(&p->mu);
     }
     pthread_mutex_unlock(&p->mu);
@@ -159,7 +170,9 @@ struct kvu_pool *kvu_pool_new(unsigned nthreads, unsigned nfiles, int efd)
  * running chain cannot be stopped).  Returns the op count, or -ENOMEM. */
 int kvu_pool_submit(struct kvu_pool *p, const uint64_t *ops, unsigned n)
 {
-    unsigned i = 0;
+    unsigned i = 0, queued = 0, wake;
+    struct kvu_chain *head = NULL, **tail = &head, *last = NULL;
+    int answered = 0, err = 0;
     while (i < n) {
         unsigned len = kvu_chain_len(ops + (size_t)i * KVU_OP_WORDS, n - i);
         const uint64_t *w = ops + (size_t)i * KVU_OP_WORDS;
@@ -169,27 +182,42 @@ int kvu_pool_submit(struct kvu_pool *p, const uint64_t *ops, unsigned n)
             post_locked(p, &w[6], &r, 1);
             pthread_cond_broadcast(&p->progress);
             pthread_mutex_unlock(&p->mu);
-            signal_efd(p->efd);
+            answered = 1;
         } else {
             struct kvu_chain *c = malloc(sizeof *c + (size_t)len * KVU_OP_WORDS * sizeof(uint64_t));
-            if (!c)
-                return -ENOMEM;
+            if (!c) {
+                err = -ENOMEM;
+                break;
+            }
             c->next = NULL;
             c->n = len;
             memcpy(c->words, w, (size_t)len * KVU_OP_WORDS * sizeof(uint64_t));
-            pthread_mutex_lock(&p->mu);
-            if (p->tail)
-                p->tail->next = c;
-            else
-                p->head = c;
-            p->tail = c;
-            p->running++;
-            pthread_cond_signal(&p->work);
-            pthread_mutex_unlock(&p->mu);
+            *tail = c;
+            tail = &c->next;
+            last = c;
+            queued++;
         }
         i += len;
     }
-    return (int)n;
+    /* One lock and only as many wake-ups as there are idle workers and chains. */
+    pthread_mutex_lock(&p->mu);
+    if (head) {
+        if (p->tail)
+            p->tail->next = head;
+        else
+            p->head = head;
+        p->tail = last;
+        p->running += queued;
+    }
+    wake = queued < p->idle ? queued : p->idle;
+    while (wake--)
+        pthread_cond_signal(&p->work);
+    pthread_mutex_unlock(&p->mu);
+    if (answered)
+        signal_efd(p->efd);
+    if (err && !queued)
+        return err;
+    return (int)i;
 }
 
 unsigned kvu_pool_reap(struct kvu_pool *p, uint64_t *ud, int32_t *res, unsigned max)
