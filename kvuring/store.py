@@ -169,7 +169,7 @@ class BlockStore:
         ns = self._ns.open()
         try:
             self._ring = await AsyncRing(
-                backend=self.backend_requested, queue_depth=self.queue_depth
+                backend=ns.engine_for(self.backend_requested), queue_depth=self.queue_depth
             ).open()
             loop = asyncio.get_running_loop()
 
