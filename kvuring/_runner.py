@@ -102,7 +102,7 @@ def start_core(
         direct=ns.direct.enabled,
         mem_align=ns.direct.mem_align,
         slots=ns.queue_depth,
-        open_flags=b.SQE_ASYNC if os.environ.get("KVX_OPEN", "1") == "1" else 0,
+        open_flags=b.SQE_ASYNC,
         read_flags=b.SQE_ASYNC if ns.spread_reads else 0,
         load_ioprio=ns.load_ioprio,
         store_limit=STORES_DURING_LOADS if prioritize_loads else 0,
