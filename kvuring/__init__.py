@@ -20,6 +20,7 @@ from kvuring.engine import (
     open_engine,
     resolve_backend,
 )
+from kvuring.poll import Finished, PollingStore
 from kvuring.store import BlockStore, Status, aligned_buffer
 
 __version__ = "0.1.0"
@@ -29,6 +30,8 @@ __all__ = [
     "BlockStore",
     "Engine",
     "EngineUnavailable",
+    "Finished",
+    "PollingStore",
     "Ring",
     "Status",
     "StatxResult",

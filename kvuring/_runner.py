@@ -275,11 +275,26 @@ class BatchRunner:
         job.done(job)
 
     # -- checksums on worker threads --------------------------------------------------
-    def _offload_hashing(self, n: int) -> bool:
-        # Otherwise the block core checksums: on the thread engine the worker
-        # that moves the block does (KVU_OP_CHECKSUM / KVU_OP_SEAL steps), on
-        # io_uring the thread that reaps.
+    def _big_batch(self, n: int) -> bool:
+        """Checksums of this batch are worth moving off the owner's thread."""
         return self.verify and n > 1 and self.block_size >= HASH_OFFLOAD_MIN
+
+    def _offload_hashing(self, n: int) -> bool:
+        """Whether the hash threads checksum this batch.
+
+        On the thread engine the worker that moves each block checksums it
+        (the core's KVU_OP_CHECKSUM / KVU_OP_SEAL steps), in parallel and
+        without the phase barrier of hashing after the reads: nothing to
+        hand to the hash threads, but the checksums are off the owner's
+        thread all the same (counted in ``offloaded_checksums``).  On
+        io_uring, small batches are checksummed by the thread that reaps.
+        """
+        if not self._big_batch(n):
+            return False
+        if self.core.engine.name == "threads":
+            self.counts["offloaded_checksums"] += n
+            return False
+        return True
 
     def _on_hash_thread(
         self, job: Job, fn: Any, args: tuple[Any, ...], then: Callable[[Any], None]

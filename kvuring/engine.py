@@ -222,12 +222,24 @@ class Ring(Engine):
     name = "uring"
 
     def __init__(
-        self, slots: int = 256, *, entries: int | None = None, max_workers: int | None = None
+        self,
+        slots: int = 256,
+        *,
+        entries: int | None = None,
+        max_workers: int | None = None,
+        single_issuer: bool = True,
     ) -> None:
         super().__init__()
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.slots = slots
+        # Without SINGLE_ISSUER any thread may submit (one at a time): for
+        # callers whose calls come from different threads (vLLM's tiers).
+        self._flag_sets = (
+            _SETUP_FLAG_SETS
+            if single_issuer
+            else tuple(tuple(f for f in fs if f != "SINGLE_ISSUER") for fs in _SETUP_FLAG_SETS)
+        )
         # Direct descriptors [0, slots) are the driver's tickets, [slots, 2 * slots)
         # the block core's (kvuring/_csrc/blocks.c).
         self.core_slot_base = slots
@@ -262,7 +274,7 @@ class Ring(Engine):
 
     def _setup(self, sq_entries: int, cq_entries: int) -> int:
         last = 0
-        for names in _SETUP_FLAG_SETS:
+        for names in self._flag_sets:
             params = b.ffi.new("struct io_uring_params *")
             params.flags = b.lib.IORING_SETUP_CQSIZE
             for n in names:
@@ -485,11 +497,14 @@ def resolve_backend(backend: str | None) -> str:
     return chosen
 
 
-def open_engine(backend: str | None = None, *, slots: int = 256, threads: int = 16) -> Engine:
+def open_engine(
+    backend: str | None = None, *, slots: int = 256, threads: int = 16, single_issuer: bool = True
+) -> Engine:
     """Open an engine: io_uring when it works, else the thread pool (``auto``).
 
     ``backend="uring"`` raises :class:`EngineUnavailable` instead of falling back.
-    The choice is logged once per process.
+    ``single_issuer=False`` lets any thread submit (one at a time).  The
+    choice is logged once per process.
     """
     global _chosen_logged
     chosen = resolve_backend(backend)
@@ -500,7 +515,7 @@ def open_engine(backend: str | None = None, *, slots: int = 256, threads: int = 
         reason = "asked for"
     else:
         try:
-            engine = Ring(slots)
+            engine = Ring(slots, single_issuer=single_issuer)
         except OSError as exc:
             if chosen == "uring":
                 if isinstance(exc, EngineUnavailable):

@@ -240,11 +240,15 @@ static void push(struct kvu_core *c, struct block *b, int op, unsigned flags, in
     b->res[step] = NONE;
 }
 
-static void new_chain(struct block *b, enum stage stage)
+/* Start the block's next chain.  A new generation each time: a late CQE of
+ * an earlier chain (one the kernel cancelled piecemeal, say) is a stray,
+ * never a result of this one. */
+static void new_chain(struct kvu_core *c, struct block *b, enum stage stage)
 {
     b->stage = (uint8_t)stage;
     b->nsteps = 0;
     b->loud = 0;
+    b->gen = ++c->gen;
 }
 
 static uint64_t ptr(const void *p) { return (uint64_t)(uintptr_t)p; }
@@ -340,7 +344,7 @@ int kvu_core_set_spans(struct kvu_core *c, const uint64_t *spans, unsigned n)
 static void load_begin(struct kvu_core *c, struct block *b)
 {
     unsigned slot = slot_of(c, b);
-    new_chain(b, ST_MAIN);
+    new_chain(c, b, ST_MAIN);
     push(c, b, IORING_OP_OPENAT2, L_ | S_ | c->cfg.open_flags, c->cfg.ns_fd, ptr(b->path), 0, 0, 0, ptr(&c->how_read),
          slot + 1, R_NEGATIVE);
     /* Hard link: the close runs whatever the read did, so the slot is freed. */
@@ -363,7 +367,7 @@ static void store_begin(struct kvu_core *c, struct block *b)
 {
     unsigned slot = slot_of(c, b);
     int ns = c->cfg.ns_fd;
-    new_chain(b, ST_MAIN);
+    new_chain(c, b, ST_MAIN);
     b->first = 0;
     b->dircheck = 0;
     if (!bit_get(c->leaf_ready, b->leaf_index)) {
@@ -396,7 +400,7 @@ static void store_begin(struct kvu_core *c, struct block *b)
 
 static void stat_begin(struct kvu_core *c, struct block *b)
 {
-    new_chain(b, ST_MAIN);
+    new_chain(c, b, ST_MAIN);
     push(c, b, IORING_OP_STATX, 0, c->cfg.ns_fd, ptr(b->path), 0, 0, AT_SYMLINK_NOFOLLOW,
          STATX_BASIC_STATS, ptr(&b->sx), R_CANCELLED);
 }
@@ -404,7 +408,7 @@ static void stat_begin(struct kvu_core *c, struct block *b)
 static void delete_begin(struct kvu_core *c, struct block *b)
 {
     unsigned slot = slot_of(c, b);
-    new_chain(b, ST_MAIN);
+    new_chain(c, b, ST_MAIN);
     /* Check the directories are real ones beneath the namespace before
      * unlinking through them: a planted symlink must not redirect it.  No
      * CQE_SKIP_SUCCESS on the unlink: a failed unlinkat is not marked
@@ -499,9 +503,16 @@ static int32_t fail(struct kvu_core *c, int32_t res)
     return -res;
 }
 
+/*
+ * Whether to run the block's chain again after a transient result: EAGAIN,
+ * EINTR, or ECANCELED, which io_uring gives every request of a thread that
+ * exits while they are in flight (the polling front end may be called from
+ * threads that come and go); the retry is submitted by a live thread.
+ */
 static int retry(struct kvu_core *c, struct block *b, int32_t res)
 {
-    if ((res != -EAGAIN && res != -EINTR) || b->batch->cancelled || b->retries >= MAX_RETRIES)
+    if ((res != -EAGAIN && res != -EINTR && res != -ECANCELED) || b->batch->cancelled ||
+        b->retries >= MAX_RETRIES)
         return 0;
     b->retries++;
     c->st.retries++;
@@ -542,7 +553,7 @@ static void load_check(struct kvu_core *c, struct block *b, int why)
     /* A damaged block: remove it, so the next load is a MISS, not a retry. */
     c->st.corrupt++;
     b->error = why;
-    new_chain(b, ST_UNLINK);
+    new_chain(c, b, ST_UNLINK);
     push(c, b, IORING_OP_UNLINKAT, 0, c->cfg.ns_fd, ptr(b->path), 0, 0, 0, 0, 0, R_CANCELLED);
 }
 
@@ -595,7 +606,7 @@ static void store_cleanup(struct kvu_core *c, struct block *b, int32_t error, in
 {
     /* The rename never ran or failed: close the slot if a write failed
      * (harmless when already closed) and remove the temp file. */
-    new_chain(b, ST_CLEANUP);
+    new_chain(c, b, ST_CLEANUP);
     b->error = error;
     b->retry_after_cleanup = (uint8_t)again;
     if (close)
@@ -615,7 +626,7 @@ static void store_make_dirs(struct kvu_core *c, struct block *b)
      * links run on), checking the upper one is a real directory before
      * making anything inside it. */
     int ns = c->cfg.ns_fd;
-    new_chain(b, ST_MKDIR);
+    new_chain(c, b, ST_MKDIR);
     b->made_dirs = 1;
     push(c, b, IORING_OP_MKDIRAT, H_ | S_, ns, ptr(b->upper), 0, 0, 0, 0755, 0, R_CANCELLED);
     push(c, b, IORING_OP_OPENAT2, L_ | S_, ns, ptr(b->upper), 0, 0, 0, ptr(&c->how_dir), slot_of(c, b) + 1,
@@ -639,7 +650,7 @@ static void store_after_rename(struct kvu_core *c, struct block *b, int32_t res)
             c->cfg.noreplace = 0;
             c->st.noreplace_fallbacks++;
         }
-        new_chain(b, ST_RENAME);
+        new_chain(c, b, ST_RENAME);
         b->sent_noreplace = 0;
         push(c, b, IORING_OP_RENAMEAT, 0, c->cfg.ns_fd, ptr(b->tmp), 0, 0, 0,
              (uint64_t)(int64_t)c->cfg.ns_fd, ptr(b->path), R_CANCELLED);

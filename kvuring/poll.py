@@ -1,0 +1,300 @@
+"""PollingStore: kvuring's block store without an event loop.
+
+For engines whose scheduler is a plain loop (vLLM's offloading tiers, a C++
+host through a binding, a test harness): submit a batch without waiting,
+poll for finished batches without blocking, drain, close.  It runs the same
+block core and batch runner as :class:`~kvuring.store.BlockStore`, so every
+status, file and error means the same; only the waiting differs.  On the
+io_uring engine it starts no thread of its own (the thread engine has its
+workers, and batches of big blocks are checksummed on a few hash threads).
+
+    with PollingStore("/mnt/nvme/kv", 2 << 20) as store:
+        put = store.submit_put(keys, rows)
+        ...
+        for done in store.poll():           # never blocks
+            print(done.id, done.results)
+        store.drain()                       # blocks until nothing is in flight
+
+Calls may come from different threads, one at a time (the ring is set up
+without IORING_SETUP_SINGLE_ISSUER); they must not overlap.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import select
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kvuring import _blocks as core_api
+from kvuring._driver import Driver
+from kvuring._format import check_namespace
+from kvuring._namespace import Namespace
+from kvuring._regions import FixedBuffers
+from kvuring._runner import BatchRunner, Job, start_core
+from kvuring._types import Buffer
+from kvuring.engine import open_engine, resolve_backend
+from kvuring.store import check_options, register_buffer, store_stats
+
+__all__ = ["Finished", "PollingStore"]
+
+_KINDS = {core_api.STORE: "put", core_api.LOAD: "get", core_api.STAT: "contains",
+          core_api.DELETE: "delete"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A batch that is over: what :meth:`PollingStore.poll` returns for each.
+
+    ``results`` are :class:`~kvuring.Status` values for puts and gets, bools
+    for presence checks and deletes, one per key in submission order.
+    ``errors`` maps the index of each FAILED block to its OSError (errno and
+    path); the buffers of a finished batch are the caller's again.
+    """
+
+    id: int
+    kind: str
+    keys: list[bytes]
+    results: list[Any]
+    errors: dict[int, OSError]
+    tag: object = None
+
+
+class PollingStore:
+    """A directory of KV-cache blocks, driven by polling: ``submit_*``, :meth:`poll`, :meth:`drain`.
+
+    Arguments as for :class:`~kvuring.store.BlockStore`.  Open it with
+    ``with PollingStore(root, block_size) as store`` or :meth:`open`.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        block_size: int,
+        *,
+        namespace: str = "default",
+        backend: str = "auto",
+        direct: bool | str = "auto",
+        verify: bool = True,
+        queue_depth: int = 256,
+        prioritize_loads: bool = True,
+        fixed_buffers: bool = False,
+    ) -> None:
+        check_options(block_size, direct, queue_depth)
+        self.root = os.path.abspath(os.fspath(root))
+        self.block_size = block_size
+        self.namespace = check_namespace(namespace)
+        self.backend_requested = resolve_backend(None if backend == "auto" else backend)
+        self.verify = bool(verify)
+        self.prioritize_loads = bool(prioritize_loads)
+        self.fixed_buffers = bool(fixed_buffers)
+        self.queue_depth = queue_depth
+        self._ns = Namespace(self.root, self.namespace, block_size, verify=self.verify,
+                             direct=direct, prioritize_loads=self.prioritize_loads,
+                             queue_depth=queue_depth)  # fmt: skip
+        self._driver: Driver | None = None
+        self._runner: BatchRunner | None = None
+        self._fixed: FixedBuffers | None = None
+        self._fixed_ready = False
+        self._posted: collections.deque[Callable[[], None]] = collections.deque()
+        self._finished: list[Finished] = []
+        self._tags: dict[int, object] = {}
+        self._open_jobs = 0
+        self._next_id = 0
+        self.closed = False
+
+    # -- life cycle ----------------------------------------------------------------
+    def open(self) -> PollingStore:
+        """Create the directories, probe direct I/O, clean up dead writers' temp files, start the engine."""
+        if self.closed:
+            raise RuntimeError("PollingStore is closed")
+        if self._driver is not None:
+            return self
+        ns = self._ns.open()
+        try:
+            engine = open_engine(ns.engine_for(self.backend_requested), slots=self.queue_depth,
+                                 single_issuer=False)  # fmt: skip
+            self._driver = driver = Driver(engine)
+            core, self._fixed, self._fixed_ready = start_core(
+                ns, engine, driver,
+                fixed_buffers=self.fixed_buffers, prioritize_loads=self.prioritize_loads,
+            )  # fmt: skip
+            self._runner = BatchRunner(ns, core, self._fixed if self._fixed_ready else None,
+                                       kick=driver.flush, post=self._post)  # fmt: skip
+            ns.make_fanout()
+        except BaseException:
+            if self._driver is not None:
+                self._driver.close()
+                self._driver = None
+            ns.close()
+            raise
+        return self
+
+    def __enter__(self) -> PollingStore:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Finish what is in flight, then release everything; idempotent.
+
+        Stores still held back for loads end FAILED without running.
+        Finished batches not yet polled are dropped.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        runner, driver = self._runner, self._driver
+        if runner is not None and driver is not None:
+            runner.core.drop_queued_stores()
+            self._drain()
+            driver.close()
+            runner.close()
+        if self._fixed is not None:
+            self._fixed.clear()
+        self._ns.close()
+
+    # -- submitting ------------------------------------------------------------------
+    def submit_put(
+        self, keys: Sequence[bytes | int], bufs: Sequence[Buffer], *, tag: object = None
+    ) -> int:
+        """Start storing blocks; returns the batch's id.  Buffers must not change until it finishes."""
+        runner = self._runner_for_call()
+        return self._started(runner.put(keys, bufs, self._done), tag)
+
+    def submit_get(
+        self, keys: Sequence[bytes | int], bufs: Sequence[Buffer], *, tag: object = None
+    ) -> int:
+        """Start loading blocks into ``bufs``; returns the batch's id."""
+        runner = self._runner_for_call()
+        return self._started(runner.get(keys, bufs, self._done), tag)
+
+    def submit_contains(self, keys: Sequence[bytes | int], *, tag: object = None) -> int:
+        """Start checking which blocks are present; returns the batch's id."""
+        runner = self._runner_for_call()
+        return self._started(runner.presence(core_api.STAT, keys, self._done), tag)
+
+    def submit_delete(self, keys: Sequence[bytes | int], *, tag: object = None) -> int:
+        """Start removing blocks; returns the batch's id."""
+        runner = self._runner_for_call()
+        return self._started(runner.presence(core_api.DELETE, keys, self._done), tag)
+
+    def _started(self, job: Job, tag: object) -> int:
+        self._open_jobs += 1
+        bid = int(job.batch.c.id)
+        if tag is not None:
+            self._tags[bid] = tag
+        return bid
+
+    def _done(self, job: Job) -> None:
+        runner = self._runner
+        assert runner is not None
+        self._open_jobs -= 1
+        bid = int(job.batch.c.id)
+        errors = {i: runner.error(job.kbs[i], job.batch.error[i])
+                  for i in range(job.batch.n) if job.failed(i)} if job.batch.c.failed else {}  # fmt: skip
+        self._finished.append(Finished(bid, _KINDS[job.kind], job.kbs, job.statuses(), errors,
+                                       self._tags.pop(bid, None)))  # fmt: skip
+
+    def _post(self, fn: Callable[[], None]) -> None:
+        # From a hash thread: run fn at the next poll, and wake a waiter.
+        self._posted.append(fn)
+        driver = self._driver
+        if driver is not None and not driver.engine.closed:
+            os.eventfd_write(driver.engine.fileno(), 1)
+
+    # -- completing ------------------------------------------------------------------
+    def poll(self) -> list[Finished]:
+        """The batches that finished since the last call; never blocks."""
+        self._runner_for_call()
+        self._step()
+        out, self._finished = self._finished, []
+        return out
+
+    def wait(self, timeout: float | None = None) -> list[Finished]:
+        """Block until at least one batch finishes (or ``timeout`` seconds pass); as :meth:`poll`."""
+        self._runner_for_call()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._step()
+            if self._finished or not self._open_jobs:
+                out, self._finished = self._finished, []
+                return out
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return []
+            select.select([self.fileno()], [], [], left)
+
+    def drain(self) -> list[Finished]:
+        """Block until every submitted batch has finished; all that finished since the last poll."""
+        self._runner_for_call()
+        self._drain()
+        out, self._finished = self._finished, []
+        return out
+
+    def _drain(self) -> None:
+        driver = self._driver
+        assert driver is not None
+        while self._open_jobs or driver.busy() or self._posted:
+            self._step()
+            if not self._open_jobs and not driver.busy():
+                break
+            if driver.in_flight or (driver.core is not None and driver.core.in_flight()):
+                driver.engine.wait_completion()
+            elif not self._posted:
+                select.select([self.fileno()], [], [], 0.05)  # hash threads at work
+
+    def _step(self) -> None:
+        driver = self._driver
+        assert driver is not None
+        while self._posted:
+            self._posted.popleft()()
+        driver.process()
+        driver.flush()
+
+    @property
+    def pending(self) -> int:
+        """Batches submitted and not yet finished."""
+        return self._open_jobs
+
+    def fileno(self) -> int:
+        """A descriptor that turns readable when :meth:`poll` may have something (for select/epoll)."""
+        driver = self._driver
+        if driver is None:
+            raise RuntimeError("PollingStore is not open")
+        return driver.engine.fileno()
+
+    # -- registered buffers ----------------------------------------------------------
+    def register(self, buffer: Buffer) -> bool:
+        """As :meth:`kvuring.BlockStore.register` (needs ``fixed_buffers=True``)."""
+        self._runner_for_call()
+        if not self.fixed_buffers:
+            raise RuntimeError("register() needs a store opened with fixed_buffers=True")
+        assert self._fixed is not None
+        return register_buffer(self._fixed, buffer)
+
+    def unregister(self, buffer: Buffer) -> bool:
+        if self._fixed is None:
+            return False
+        return self._fixed.remove(buffer)
+
+    def _runner_for_call(self) -> BatchRunner:
+        if self._runner is None:
+            raise RuntimeError("PollingStore is not open; use 'with' or open()")
+        if self.closed:
+            raise RuntimeError("PollingStore is closed")
+        return self._runner
+
+    def stats(self) -> dict[str, Any]:
+        """As :meth:`kvuring.BlockStore.stats`."""
+        driver = self._driver
+        engine = driver.engine.name if driver is not None and not driver.closed else None
+        out = store_stats(self._ns, self._runner, self._fixed, self._fixed_ready, engine)
+        if driver is not None and not driver.closed:
+            out["ring"] = {**driver.engine.stats(), **driver.stats()}
+        out["pending_batches"] = self._open_jobs
+        return out
