@@ -215,6 +215,8 @@ void kvu_core_free(struct kvu_core *c);
 void kvu_core_add(struct kvu_core *c, struct kvu_batch *b);
 void kvu_core_cancel(struct kvu_core *c, struct kvu_batch *b);
 int kvu_core_set_spans(struct kvu_core *c, const uint64_t *spans, unsigned n);
+int64_t kvu_row_addrs(uint64_t base, uint64_t stride, uint64_t nrows, const int64_t *rows, unsigned n,
+                      uint64_t *out);
 unsigned kvu_core_drop_queued_stores(struct kvu_core *c);
 int kvu_core_flush(struct kvu_core *c);
 unsigned kvu_core_pump(struct kvu_core *c, uint64_t *ud, int32_t *res, unsigned max, unsigned *nother);

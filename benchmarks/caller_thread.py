@@ -7,8 +7,9 @@ This stores and then repeatedly loads ``--blocks`` blocks in batches of
 ``time.thread_time()`` of the loop's thread per block, for each engine, with
 and without checksums, next to blocks/s.
 
-With the thread engine and ``verify=False`` every syscall, copy and checksum
-runs on the engine's workers, so that row is an upper bound on the Python
+``--rows`` uses ``put_rows``/``get_rows`` (rows of one region by index)
+instead of a list of buffers.  With the thread engine every syscall, copy and checksum
+runs on the engine's workers, so its rows are an upper bound on the Python
 (and cffi) time per block: the rest of the loop thread's time is the block
 core's C and the eventfd/epoll wake-ups.
 
@@ -46,11 +47,19 @@ async def _measure(
     out: dict[str, list[float]] = {"store_us": [], "load_us": [], "stores_s": [], "loads_s": []}
     async with BlockStore(root, bs, backend=backend, verify=verify) as store:
         for _ in range(args.rounds):
-            for kind, call in (("store", store.put_many), ("load", store.get_many)):
+            for kind in ("store", "load"):
                 t0, c0 = time.perf_counter(), time.thread_time()
-                results = await asyncio.gather(
-                    *(call(keys[i : i + batch], rows[i : i + batch]) for i in range(0, n, batch))
-                )
+                if args.rows:
+                    # One staging region, rows by index: no buffer export per block.
+                    by_rows = store.put_rows if kind == "store" else store.get_rows
+                    calls = [by_rows(keys[i : i + batch], view, range(i, min(i + batch, n)))
+                             for i in range(0, n, batch)]  # fmt: skip
+                else:
+                    call = store.put_many if kind == "store" else store.get_many
+                    calls = [
+                        call(keys[i : i + batch], rows[i : i + batch]) for i in range(0, n, batch)
+                    ]
+                results = await asyncio.gather(*calls)
                 wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
                 want = Status.HIT if kind == "load" else Status.STORED
                 assert all(s in (want, Status.EXISTS) for r in results for s in r)
@@ -70,10 +79,13 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=4096, help="blocks per pass (4096)")
     parser.add_argument("--batch", type=int, default=64, help="blocks per call (64)")
     parser.add_argument("--rounds", type=int, default=5, help="passes; medians reported (5)")
+    parser.add_argument("--rows", action="store_true",
+                        help="put_rows/get_rows of one region instead of a list of buffers")  # fmt: skip
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="kvuring-caller-", dir=args.dir)
     try:
-        print(f"{args.blocks} blocks of {args.block} bytes in calls of {args.batch}, {root}")
+        how = "put_rows/get_rows" if args.rows else "put_many/get_many"
+        print(f"{args.blocks} blocks of {args.block} bytes, {how} of {args.batch}, {root}")
         print(
             "| engine | verify | store: loop-thread us/block | stores/s | load: loop-thread us/block | loads/s |"
         )

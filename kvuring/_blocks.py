@@ -70,6 +70,7 @@ class CoreBatch:
         keys: list[bytes],
         pins: Sequence[Any] | None,
         *,
+        addrs: Any = None,
         ready: int | None = None,
         defer_verify: bool = False,
         quiet: bool = False,
@@ -94,9 +95,13 @@ class CoreBatch:
         c.key_off = ffi.from_buffer("uint32_t[]", self.offsets)
         c.status = ffi.from_buffer("int32_t[]", self.status)
         c.error = ffi.from_buffer("int32_t[]", self.error)
-        # The buffers' addresses, converted from the pins in one C loop.
-        self.addrs: Any = ffi.new("char *[]", pins) if pins else None
-        c.addrs = ffi.cast("uint64_t *", self.addrs) if pins else ffi.NULL
+        # The buffers' addresses: given (rows of one region), or converted
+        # from the pins in one C loop.
+        if addrs is not None:
+            self.addrs = addrs
+        else:
+            self.addrs = ffi.new("char *[]", pins) if pins else None
+        c.addrs = ffi.cast("uint64_t *", self.addrs) if self.addrs is not None else ffi.NULL
         self.psums: Any = None
         self.psum_out: Any = None
         if defer_verify:
@@ -297,6 +302,13 @@ class BlockCore:
             lib.kvu_core_free(self._c)
         self._c = ffi.NULL
         self._stats = ffi.NULL
+
+
+def row_addrs(base: int, stride: int, nrows: int, rows: Any, n: int) -> tuple[Any, int]:
+    """Addresses of ``rows`` (int64 buffer) of a region: (uint64_t[n], first bad index or -1)."""
+    out = ffi.new("uint64_t[]", max(1, n))
+    bad = lib.kvu_row_addrs(base, stride, nrows, ffi.from_buffer("int64_t[]", rows), n, out)
+    return out, int(bad)
 
 
 def checksums(addrs: Any, n: int, first: int, step: int, length: int, out: Any) -> None:

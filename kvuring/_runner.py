@@ -19,6 +19,7 @@ import errno
 import functools
 import logging
 import os
+from array import array
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -117,6 +118,26 @@ def start_core(
         fixed.on_change = lambda: core.set_spans(spans.span_words())
         fixed.on_change()
     return core, fixed, ready
+
+
+def _row_index(rows: object) -> Any:
+    """Row numbers as a contiguous buffer of int64 (a numpy int64 array as it is)."""
+    try:
+        view = memoryview(rows)  # type: ignore[arg-type]
+    except TypeError:
+        view = None
+    if (
+        view is not None
+        and view.ndim == 1
+        and view.itemsize == 8
+        and view.format.lstrip("@=<") in ("q", "l")
+        and view.c_contiguous
+    ):
+        return view
+    try:
+        return array("q", rows)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"rows must be a sequence of ints, not {type(rows).__name__}") from None
 
 
 class BatchRunner:
@@ -240,6 +261,71 @@ class BatchRunner:
         job = Job(core_api.LOAD, kbs, batch, done)
         self._start(job)
         return job
+
+    def put_rows(
+        self, keys: Sequence[object], region: object, rows: object, done: Callable[[Job], None],
+        *, row_bytes: int | None = None,
+    ) -> Job:  # fmt: skip
+        """put() of blocks that are rows of one region: ``rows[i]`` holds ``keys[i]``."""
+        kbs = self.key_list(keys)
+        pin, addrs = self._rows(region, rows, len(kbs), row_bytes, writable=False)
+        self.counts["puts"] += len(kbs)
+        offload = self._offload_hashing(len(kbs))
+        batch = CoreBatch(core_api.STORE, kbs, [pin], addrs=addrs, ready=0 if offload else None)
+        job = Job(core_api.STORE, kbs, batch, done)
+        self._start(job)
+        if offload:
+            self._sum_stores(job)
+        return job
+
+    def get_rows(
+        self, keys: Sequence[object], region: object, rows: object, done: Callable[[Job], None],
+        *, row_bytes: int | None = None,
+    ) -> Job:  # fmt: skip
+        """get() into rows of one region: ``keys[i]`` is loaded into row ``rows[i]``."""
+        kbs = self.key_list(keys)
+        pin, addrs = self._rows(region, rows, len(kbs), row_bytes, writable=True)
+        self.counts["gets"] += len(kbs)
+        defer = self._offload_hashing(len(kbs))
+        batch = CoreBatch(core_api.LOAD, kbs, [pin], addrs=addrs, defer_verify=defer)
+        job = Job(core_api.LOAD, kbs, batch, done)
+        self._start(job)
+        return job
+
+    def _rows(
+        self, region: object, rows: object, n: int, row_bytes: int | None, *, writable: bool
+    ) -> tuple[Any, Any]:
+        """Pin ``region`` once and compute each row's address in C; the pin and the addresses."""
+        try:
+            view = memoryview(region)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(
+                f"region must support the buffer protocol, not {type(region).__name__}"
+            ) from None
+        if writable and view.readonly:
+            raise TypeError("get_rows needs a writable region")
+        if not view.c_contiguous:
+            raise ValueError("region must be C-contiguous")
+        size = self.block_size
+        if row_bytes is None:
+            row_bytes = view.strides[0] if view.ndim > 1 and view.strides else size
+        if not isinstance(row_bytes, int) or row_bytes < size:
+            raise ValueError(f"row_bytes must be an int >= block_size ({size}), got {row_bytes!r}")
+        index = _row_index(rows)
+        if len(index) != n:
+            raise ValueError(f"{n} keys but {len(index)} rows")
+        nbytes = view.nbytes
+        nrows = (nbytes - size) // row_bytes + 1 if nbytes >= size else 0
+        pin = _from_buffer(view, require_writable=writable)
+        addrs, bad = core_api.row_addrs(
+            int(b.ffi.cast("uintptr_t", pin)), row_bytes, nrows, index, n
+        )
+        if bad >= 0:
+            b.ffi.release(pin)
+            raise IndexError(f"row {index[bad]} is outside the region's {nrows} rows")
+        if self.fixed is not None:
+            self._register_regions([view])
+        return pin, addrs
 
     def presence(self, kind: int, keys: Sequence[object], done: Callable[[Job], None]) -> Job:
         """A presence check (STAT) or a delete (DELETE) of every key."""

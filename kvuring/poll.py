@@ -173,6 +173,33 @@ class PollingStore:
         runner = self._runner_for_call()
         return self._started(runner.get(keys, bufs, self._done), tag)
 
+    def submit_put_rows(
+        self, keys: Sequence[bytes | int], region: Buffer, rows: Sequence[int] | Buffer, *,
+        row_bytes: int | None = None, tag: object = None,
+    ) -> int:  # fmt: skip
+        """submit_put of blocks that are rows of one region (block ``keys[i]`` is row ``rows[i]``).
+
+        ``region`` is pinned once for the batch and each row's address is
+        computed in C, so a batch costs almost no Python per block.  A row is
+        ``row_bytes`` apart from the next (default: a 2-D region's
+        ``strides[0]``, else ``block_size``); ``rows`` may be a list or an
+        int64 array (numpy).
+        """
+        runner = self._runner_for_call()
+        return self._started(
+            runner.put_rows(keys, region, rows, self._done, row_bytes=row_bytes), tag
+        )
+
+    def submit_get_rows(
+        self, keys: Sequence[bytes | int], region: Buffer, rows: Sequence[int] | Buffer, *,
+        row_bytes: int | None = None, tag: object = None,
+    ) -> int:  # fmt: skip
+        """submit_get into rows of one region (as :meth:`submit_put_rows`)."""
+        runner = self._runner_for_call()
+        return self._started(
+            runner.get_rows(keys, region, rows, self._done, row_bytes=row_bytes), tag
+        )
+
     def submit_contains(self, keys: Sequence[bytes | int], *, tag: object = None) -> int:
         """Start checking which blocks are present; returns the batch's id."""
         runner = self._runner_for_call()

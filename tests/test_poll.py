@@ -205,3 +205,34 @@ def test_close_finishes_work_in_flight(root: Path, backend: str) -> None:
             assert status in (Status.HIT, Status.MISS)
             if status is Status.HIT:
                 assert bytes(row) == payload(key, BS)
+
+
+def test_rows_of_one_region(root: Path, backend: str) -> None:
+    """put_rows/get_rows: one pin for the region, row addresses from C."""
+    import numpy as np
+
+    keys = _keys(12, 8)
+    with PollingStore(root, BS, backend=backend) as store:
+        region, _rows = filled_rows(keys, BS)
+        grid = np.frombuffer(region, dtype=np.int8).reshape(len(keys), BS)
+        order = np.arange(len(keys), dtype=np.int64)[::-1].copy()  # key i is row 11 - i
+        store.submit_put_rows(keys[::-1], memoryview(grid), order)
+        (done,) = store.drain()
+        assert done.results == [Status.STORED] * 12
+        for i, key in enumerate(keys):
+            assert block_file(root, key).read_bytes()[:BS] == payload(key, BS), i
+        out = np.zeros((20, BS), dtype=np.int8)
+        store.submit_get_rows([keys[3], keys[5], b"absent"], memoryview(out), [7, 0, 19])
+        (done,) = store.drain()
+        assert done.results == [Status.HIT, Status.HIT, Status.MISS]
+        assert out[7].tobytes() == payload(keys[3], BS) and out[0].tobytes() == payload(keys[5], BS)
+        assert not out[1:7].any()
+        with pytest.raises(IndexError, match="row 20"):
+            store.submit_get_rows([keys[0]], memoryview(out), [20])
+        with pytest.raises(ValueError, match="1 keys but 2 rows"):
+            store.submit_get_rows([keys[0]], memoryview(out), [1, 2])
+        with pytest.raises(TypeError, match="writable"):
+            store.submit_get_rows([keys[0]], bytes(BS), [0])
+        with pytest.raises(ValueError, match="row_bytes"):
+            store.submit_put_rows([keys[0]], memoryview(out), [0], row_bytes=BS - 1)
+        assert store.pending == 0

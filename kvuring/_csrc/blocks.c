@@ -325,6 +325,24 @@ static int32_t transfer_failure(const struct block *b, const int32_t *res)
     return 0;
 }
 
+/*
+ * The addresses of rows `rows[0..n)` of a region of `nrows` rows of `stride`
+ * bytes at `base` (the caller's staging buffer, one block per row), into
+ * out[]: one C loop instead of a buffer export per block.  Returns the
+ * index of the first row out of range, or -1.
+ */
+int64_t kvu_row_addrs(uint64_t base, uint64_t stride, uint64_t nrows, const int64_t *rows, unsigned n,
+                      uint64_t *out)
+{
+    unsigned i;
+    for (i = 0; i < n; i++) {
+        if (rows[i] < 0 || (uint64_t)rows[i] >= nrows)
+            return i;
+        out[i] = base + (uint64_t)rows[i] * stride;
+    }
+    return -1;
+}
+
 /* Replace the core's registered-buffer table (copied). */
 int kvu_core_set_spans(struct kvu_core *c, const uint64_t *spans, unsigned n)
 {
