@@ -230,8 +230,8 @@ unsigned kvu_core_load_ioprio(const struct kvu_core *c);
 
 # The C sources, relative to this file (setuptools wants relative paths).
 CSRC = "kvuring/_csrc"
-C_SOURCES = ["ops.c", "chain.c", "pool.c", "format.c", "blocks.c"]
-C_HEADERS = ["kvu.h"]
+C_SOURCES = ["ops.c", "chain.c", "pool.c", "format.c", "blocks.c", "chains.c"]
+C_HEADERS = ["kvu.h", "blocks.h"]
 
 # Always -Wall -Wextra; KVURING_STRICT_BUILD=1 (the test run sets it) makes
 # every warning an error, so a type mismatch with the installed headers

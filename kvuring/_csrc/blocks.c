@@ -12,6 +12,9 @@
  * also its direct descriptor (cfg.slot_base + index) and its trailer page,
  * from its first chain to its status.
  *
+ * What each kind of block submits, and what its completions mean, is in
+ * chains.c.
+ *
  * Chains (S = CQE_SKIP_SUCCESS, L = link, H = hard link, A = async, F = fixed file):
  *
  *   store  [openat2 <upper> O_PATH L.S -> mkdirat <leaf> H.S]   (leaf not known to exist)
@@ -27,114 +30,14 @@
  * posts one completion (its last step).
  */
 #define _GNU_SOURCE
-#include "kvu.h"
+#include "blocks.h"
 
 #include <errno.h>
 #include <fcntl.h>
-#include <linux/openat2.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
-
-#define NONE INT32_MIN /* no completion seen for this step */
-#define MAX_RETRIES 8  /* EAGAIN / EINTR, per block */
-#define REFILL_EVERY 16 /* completions dispatched between submits, within one pump */
-
-#define S_ IOSQE_CQE_SKIP_SUCCESS
-#define L_ IOSQE_IO_LINK
-#define H_ IOSQE_IO_HARDLINK
-#define A_ IOSQE_ASYNC
-#define F_ IOSQE_FIXED_FILE
-
-/* What makes a result fail its request (the kernel's REQ_F_FAIL), which is
- * what breaks a soft link; a rule >= 0 is a transfer of exactly that many
- * bytes.  Mirrors kvu_fails in chain.c. */
-#define R_NEGATIVE (-1)
-#define R_CANCELLED (-2) /* statx, mkdirat, unlinkat, renameat: an error is only a result */
-
-enum stage { ST_MAIN, ST_MKDIR, ST_RENAME, ST_CLEANUP, ST_UNLINK };
-
-struct block {
-    struct kvu_batch *batch;
-    unsigned index;
-    uint32_t gen;
-    uint8_t active, stage, nsteps, loud, retries;
-    uint8_t first;               /* store: steps before the create (leaf check, seal) */
-    uint8_t dircheck;            /* store: the chain starts with the leaf check */
-    uint8_t made_dirs, exists, retry_after_cleanup, sent_noreplace;
-    uint8_t ntransfer;           /* transfer steps in the chain: 1, or 2 with registered buffers */
-    uint8_t hashed;              /* load: the engine computed `computed` (KVU_OP_CHECKSUM) */
-    uint8_t flags[KVU_MAX_CHAIN];
-    int32_t rule[KVU_MAX_CHAIN];
-    int32_t res[KVU_MAX_CHAIN];
-    int32_t error;
-    uint64_t addr;               /* what the kernel reads or writes: the buffer or its bounce copy */
-    uint64_t user;               /* the caller's buffer */
-    void *bounce;
-    uint64_t psum;
-    uint64_t computed;           /* load: the payload's xxh3, from a KVU_OP_CHECKSUM step */
-    uint64_t want[2];            /* bytes each transfer moves */
-    unsigned leaf_index;
-    unsigned klen;
-    uint8_t key[KVU_MAX_KEY];
-    char leaf[8];
-    char upper[4];
-    char path[KVU_PATH_MAX];
-    char tmp[KVU_TMP_MAX];
-    struct iovec iov[2];
-    struct statx sx;
-};
-
-struct queue {
-    struct kvu_batch *head, *tail;
-};
-
-struct kvu_core {
-    struct kvu_core_config cfg;
-    struct kvu_engine *eng;
-    struct open_how how_read, how_dir, how_create;
-    struct block *blocks;
-    unsigned *free_slots;
-    unsigned nfree;
-    uint8_t *leaf_ready;          /* bitmap over the 2^20 leaves: known to exist */
-    uint8_t *leaf_noted;          /* bitmap: in the writer registry */
-    struct queue fast;            /* loads, stats, deletes */
-    struct queue stores;
-    unsigned loads;               /* load blocks added and not finished (the gate) */
-    unsigned stores_running;      /* store blocks in flight */
-    unsigned unstarted;           /* queued blocks */
-    unsigned active;
-    uint32_t gen;
-    uint64_t tmp_seq;
-    uint64_t file_size;
-    uint64_t *words;
-    unsigned nops, ops_cap;
-    uint64_t *done;
-    unsigned ndone, done_cap;
-    uint64_t *rud;
-    int32_t *rres;
-    unsigned rcap;
-    uint64_t *spans;              /* registered buffers: (start, end, index) triples, sorted */
-    unsigned nspans;
-    struct kvu_core_stats st;
-};
-
-#define LEAVES (1u << 20)
-
-static int bit_get(const uint8_t *map, unsigned i) { return map[i >> 3] >> (i & 7) & 1; }
-static void bit_set(uint8_t *map, unsigned i) { map[i >> 3] |= (uint8_t)(1u << (i & 7)); }
-
-static unsigned slot_of(const struct kvu_core *c, const struct block *b)
-{
-    return c->cfg.slot_base + (unsigned)(b - c->blocks);
-}
-
-static uint8_t *trailer_of(const struct kvu_core *c, const struct block *b)
-{
-    return (uint8_t *)(uintptr_t)c->cfg.trailers + (size_t)(b - c->blocks) * KVU_TRAILER_SIZE;
-}
 
 /* ------------------------------------------------------------------------ */
 /* life cycle                                                               */
@@ -217,7 +120,7 @@ static int grow(void **p, unsigned *cap, unsigned need, size_t size)
 }
 
 /* Append one step to the block's current chain. */
-static void push(struct kvu_core *c, struct block *b, int op, unsigned flags, int64_t fd, uint64_t addr,
+void kvu_push(struct kvu_core *c, struct block *b, int op, unsigned flags, int64_t fd, uint64_t addr,
                  uint64_t len, uint64_t off, uint64_t a1, uint64_t a2, uint64_t a3, int32_t rule)
 {
     unsigned step = b->nsteps++;
@@ -243,7 +146,7 @@ static void push(struct kvu_core *c, struct block *b, int op, unsigned flags, in
 /* Start the block's next chain.  A new generation each time: a late CQE of
  * an earlier chain (one the kernel cancelled piecemeal, say) is a stray,
  * never a result of this one. */
-static void new_chain(struct kvu_core *c, struct block *b, enum stage stage)
+void kvu_new_chain(struct kvu_core *c, struct block *b, enum stage stage)
 {
     b->stage = (uint8_t)stage;
     b->nsteps = 0;
@@ -251,79 +154,6 @@ static void new_chain(struct kvu_core *c, struct block *b, enum stage stage)
     b->gen = ++c->gen;
 }
 
-static uint64_t ptr(const void *p) { return (uint64_t)(uintptr_t)p; }
-
-/* The registered buffer holding [addr, addr + len), or -1. */
-static int fixed_index(const struct kvu_core *c, uint64_t addr, uint64_t len)
-{
-    unsigned lo = 0, hi = c->nspans;
-    while (lo < hi) {
-        unsigned mid = (lo + hi) / 2;
-        if (c->spans[3 * mid] <= addr)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    if (!lo || addr + len > c->spans[3 * (lo - 1) + 1])
-        return -1;
-    return (int)c->spans[3 * (lo - 1) + 2];
-}
-
-/*
- * The payload (and trailer) transfers of a load or store: one readv/writev
- * of payload + trailer page, or with registered memory two fixed transfers
- * (a fixed transfer takes one contiguous range), or the bare payload for
- * verify=False.
- */
-static void push_transfer(struct kvu_core *c, struct block *b, int reading, unsigned flags, unsigned prio)
-{
-    uint64_t bs = c->cfg.block_size;
-    unsigned slot = slot_of(c, b);
-    int fixed = -1;
-    if (c->nspans && !b->bounce && (!c->cfg.verify || c->cfg.trailer_index >= 0))
-        fixed = fixed_index(c, b->addr, bs);
-    if (fixed >= 0) {
-        int op = reading ? IORING_OP_READ_FIXED : IORING_OP_WRITE_FIXED;
-        c->st.fixed_transfers++;
-        b->want[0] = bs;
-        b->ntransfer = 1;
-        push(c, b, op, flags, slot, b->addr, bs, 0, 0, (uint64_t)fixed, prio, (int32_t)bs);
-        if (c->cfg.verify) {
-            b->want[1] = KVU_TRAILER_SIZE;
-            b->ntransfer = 2;
-            push(c, b, op, flags, slot, ptr(trailer_of(c, b)), KVU_TRAILER_SIZE, bs, 0,
-                 (uint64_t)c->cfg.trailer_index, prio, KVU_TRAILER_SIZE);
-        }
-        return;
-    }
-    b->ntransfer = 1;
-    if (c->cfg.verify) {
-        b->iov[0].iov_base = (void *)(uintptr_t)b->addr;
-        b->iov[0].iov_len = bs;
-        b->iov[1].iov_base = trailer_of(c, b);
-        b->iov[1].iov_len = KVU_TRAILER_SIZE;
-        b->want[0] = bs + KVU_TRAILER_SIZE;
-        push(c, b, reading ? IORING_OP_READV : IORING_OP_WRITEV, flags, slot, ptr(b->iov), 2, 0, 0, 0,
-             prio, (int32_t)b->want[0]);
-    } else {
-        b->want[0] = bs;
-        push(c, b, reading ? IORING_OP_READ : IORING_OP_WRITE, flags, slot, b->addr, bs, 0, 0, 0, prio,
-             (int32_t)bs);
-    }
-}
-
-/* The first failed transfer: its negative result, 1 if one was short, or 0. */
-static int32_t transfer_failure(const struct block *b, const int32_t *res)
-{
-    unsigned i;
-    for (i = 0; i < b->ntransfer; i++)
-        if (res[i] != NONE && res[i] < 0)
-            return res[i];
-    for (i = 0; i < b->ntransfer; i++)
-        if (res[i] != NONE && (uint64_t)res[i] != b->want[i])
-            return 1;
-    return 0;
-}
 
 /*
  * The addresses of rows `rows[0..n)` of a region of `nrows` rows of `stride`
@@ -359,102 +189,6 @@ int kvu_core_set_spans(struct kvu_core *c, const uint64_t *spans, unsigned n)
     return 0;
 }
 
-static void load_begin(struct kvu_core *c, struct block *b)
-{
-    unsigned slot = slot_of(c, b);
-    new_chain(c, b, ST_MAIN);
-    push(c, b, IORING_OP_OPENAT2, L_ | S_ | c->cfg.open_flags, c->cfg.ns_fd, ptr(b->path), 0, 0, 0, ptr(&c->how_read),
-         slot + 1, R_NEGATIVE);
-    /* Hard link: the close runs whatever the read did, so the slot is freed. */
-    push_transfer(c, b, 1, H_ | S_ | F_ | c->cfg.read_flags, c->cfg.load_ioprio);
-    /* The thread engine checksums on the worker that read the block. */
-    b->hashed = c->cfg.verify && c->eng->pool != NULL && !b->batch->defer_verify;
-    if (b->hashed)
-        push(c, b, KVU_OP_CHECKSUM, H_ | S_, 0, b->addr, c->cfg.block_size, 0, ptr(&b->computed), 0, 0,
-             R_NEGATIVE);
-    push(c, b, IORING_OP_CLOSE, 0, 0, 0, 0, 0, 0, 0, slot + 1, R_NEGATIVE);
-}
-
-/* Whether a store's trailer is packed by the thread engine's worker (KVU_OP_SEAL). */
-static int sealed_by_worker(const struct kvu_core *c, const struct kvu_batch *batch)
-{
-    return c->cfg.verify && c->eng->pool != NULL && !batch->psums;
-}
-
-static void store_begin(struct kvu_core *c, struct block *b)
-{
-    unsigned slot = slot_of(c, b);
-    int ns = c->cfg.ns_fd;
-    new_chain(c, b, ST_MAIN);
-    b->first = 0;
-    b->dircheck = 0;
-    if (!bit_get(c->leaf_ready, b->leaf_index)) {
-        /* A leaf not known to exist: check its upper directory is a real one
-         * beneath the namespace, then make the leaf (EEXIST is fine, the
-         * hard link runs on).  The create refuses symlinks on the whole path. */
-        push(c, b, IORING_OP_OPENAT2, L_ | S_, ns, ptr(b->upper), 0, 0, 0, ptr(&c->how_dir), slot + 1,
-             R_NEGATIVE);
-        push(c, b, IORING_OP_MKDIRAT, H_ | S_, ns, ptr(b->leaf), 0, 0, 0, 0755, 0, R_CANCELLED);
-        b->first = 2;
-        b->dircheck = 1;
-    }
-    if (sealed_by_worker(c, b->batch)) {
-        /* The thread engine checksums and packs the trailer on the worker
-         * that writes the block. */
-        push(c, b, KVU_OP_SEAL, L_ | S_, 0, b->addr, c->cfg.block_size, 0, ptr(trailer_of(c, b)), ptr(b->key),
-             b->klen, R_NEGATIVE);
-        b->first++;
-    } else if (c->cfg.verify) {
-        kvu_pack_trailer(trailer_of(c, b), b->key, b->klen, c->cfg.block_size, b->psum);
-    }
-    push(c, b, IORING_OP_OPENAT2, L_ | S_ | A_, ns, ptr(b->tmp), 0, 0, 0, ptr(&c->how_create), slot + 1,
-         R_NEGATIVE);
-    push_transfer(c, b, 0, L_ | S_ | F_, 0);
-    push(c, b, IORING_OP_CLOSE, L_ | S_, 0, 0, 0, 0, 0, 0, slot + 1, R_NEGATIVE);
-    b->sent_noreplace = (uint8_t)c->cfg.noreplace;
-    push(c, b, IORING_OP_RENAMEAT, 0, ns, ptr(b->tmp), 0, 0, c->cfg.noreplace ? RENAME_NOREPLACE : 0,
-         (uint64_t)(int64_t)ns, ptr(b->path), R_CANCELLED);
-}
-
-static void stat_begin(struct kvu_core *c, struct block *b)
-{
-    new_chain(c, b, ST_MAIN);
-    push(c, b, IORING_OP_STATX, 0, c->cfg.ns_fd, ptr(b->path), 0, 0, AT_SYMLINK_NOFOLLOW,
-         STATX_BASIC_STATS, ptr(&b->sx), R_CANCELLED);
-}
-
-static void delete_begin(struct kvu_core *c, struct block *b)
-{
-    unsigned slot = slot_of(c, b);
-    new_chain(c, b, ST_MAIN);
-    /* Check the directories are real ones beneath the namespace before
-     * unlinking through them: a planted symlink must not redirect it.  No
-     * CQE_SKIP_SUCCESS on the unlink: a failed unlinkat is not marked
-     * failed, so a skipped CQE would hide ENOENT. */
-    push(c, b, IORING_OP_OPENAT2, L_ | S_, c->cfg.ns_fd, ptr(b->leaf), 0, 0, 0, ptr(&c->how_dir), slot + 1,
-         R_NEGATIVE);
-    push(c, b, IORING_OP_UNLINKAT, H_, c->cfg.ns_fd, ptr(b->path), 0, 0, 0, 0, 0, R_CANCELLED);
-    push(c, b, IORING_OP_CLOSE, 0, 0, 0, 0, 0, 0, 0, slot + 1, R_NEGATIVE);
-}
-
-static void begin(struct kvu_core *c, struct block *b)
-{
-    switch (b->batch->kind) {
-    case KVU_LOAD:
-        load_begin(c, b);
-        break;
-    case KVU_STORE:
-        store_begin(c, b);
-        break;
-    case KVU_STAT:
-        stat_begin(c, b);
-        break;
-    default:
-        delete_begin(c, b);
-        break;
-    }
-}
-
 /* ------------------------------------------------------------------------ */
 /* finishing                                                                */
 /* ------------------------------------------------------------------------ */
@@ -466,7 +200,7 @@ static void batch_done(struct kvu_core *c, struct kvu_batch *batch)
     c->done[c->ndone++] = batch->id;
 }
 
-static void finish(struct kvu_core *c, struct block *b, int status, int32_t error)
+void kvu_finish(struct kvu_core *c, struct block *b, int status, int32_t error)
 {
     struct kvu_batch *batch = b->batch;
     uint64_t bs = c->cfg.block_size;
@@ -515,7 +249,7 @@ static void finish(struct kvu_core *c, struct block *b, int status, int32_t erro
         batch_done(c, batch);
 }
 
-static int32_t fail(struct kvu_core *c, int32_t res)
+int32_t kvu_fail(struct kvu_core *c, int32_t res)
 {
     c->st.failures++;
     return -res;
@@ -527,7 +261,7 @@ static int32_t fail(struct kvu_core *c, int32_t res)
  * exits while they are in flight (the polling front end may be called from
  * threads that come and go); the retry is submitted by a live thread.
  */
-static int retry(struct kvu_core *c, struct block *b, int32_t res)
+int kvu_retry(struct kvu_core *c, struct block *b, int32_t res)
 {
     if ((res != -EAGAIN && res != -EINTR && res != -ECANCELED) || b->batch->cancelled ||
         b->retries >= MAX_RETRIES)
@@ -535,274 +269,6 @@ static int retry(struct kvu_core *c, struct block *b, int32_t res)
     b->retries++;
     c->st.retries++;
     return 1;
-}
-
-/* ------------------------------------------------------------------------ */
-/* loads                                                                    */
-/* ------------------------------------------------------------------------ */
-
-static void load_check(struct kvu_core *c, struct block *b, int why)
-{
-    uint64_t bs = c->cfg.block_size;
-    if (!why && c->cfg.verify) {
-        uint64_t psum = 0;
-        why = kvu_check_trailer(trailer_of(c, b), b->key, b->klen, bs, &psum);
-        if (!why) {
-            if (b->hashed) {
-                if (b->computed != psum)
-                    why = KVU_BAD_PAYLOAD_SUM;
-            } else if (b->batch->defer_verify && !b->bounce) {
-                /* The caller compares the payload checksums of the batch on
-                 * worker threads once its reads are done. */
-                b->batch->psum_out[b->index] = psum;
-                finish(c, b, KVU_UNVERIFIED, 0);
-                return;
-            } else if (kvu_checksum((const void *)(uintptr_t)b->addr, bs) != psum) {
-                why = KVU_BAD_PAYLOAD_SUM;
-            }
-        }
-    }
-    if (!why) {
-        if (b->bounce)
-            memcpy((void *)(uintptr_t)b->user, b->bounce, bs);
-        finish(c, b, KVU_HIT, 0);
-        return;
-    }
-    /* A damaged block: remove it, so the next load is a MISS, not a retry. */
-    c->st.corrupt++;
-    b->error = why;
-    new_chain(c, b, ST_UNLINK);
-    push(c, b, IORING_OP_UNLINKAT, 0, c->cfg.ns_fd, ptr(b->path), 0, 0, 0, 0, 0, R_CANCELLED);
-}
-
-static void load_end(struct kvu_core *c, struct block *b)
-{
-    int32_t open = b->res[0], bad;
-    unsigned i;
-    int quiet = open == NONE;
-    if (b->stage == ST_UNLINK) {
-        finish(c, b, KVU_CORRUPT, b->error);
-        return;
-    }
-    for (i = 0; i < b->ntransfer; i++)
-        quiet &= b->res[1 + i] == NONE;
-    if (quiet) {
-        load_check(c, b, 0); /* open and reads went well: only the close posted */
-        return;
-    }
-    if (open != NONE && open < 0) {
-        if (open == -ENOENT)
-            finish(c, b, KVU_MISS, 0);
-        else if (retry(c, b, open))
-            load_begin(c, b);
-        else
-            finish(c, b, KVU_FAILED, fail(c, open));
-        return;
-    }
-    bad = transfer_failure(b, b->res + 1);
-    if (bad < 0) {
-        if (bad == -EPERM && c->cfg.load_ioprio) {
-            /* The kernel refused the realtime I/O class after all: drop it. */
-            c->cfg.load_ioprio = 0;
-            c->st.ioprio_dropped++;
-            load_begin(c, b);
-        } else if (retry(c, b, bad)) {
-            load_begin(c, b);
-        } else {
-            finish(c, b, KVU_FAILED, fail(c, bad));
-        }
-        return;
-    }
-    load_check(c, b, bad ? KVU_SHORT_READ : 0);
-}
-
-/* ------------------------------------------------------------------------ */
-/* stores                                                                   */
-/* ------------------------------------------------------------------------ */
-
-static void store_cleanup(struct kvu_core *c, struct block *b, int32_t error, int again, int close)
-{
-    /* The rename never ran or failed: close the slot if a write failed
-     * (harmless when already closed) and remove the temp file. */
-    new_chain(c, b, ST_CLEANUP);
-    b->error = error;
-    b->retry_after_cleanup = (uint8_t)again;
-    if (close)
-        push(c, b, IORING_OP_CLOSE, H_ | S_, 0, 0, 0, 0, 0, 0, slot_of(c, b) + 1, R_NEGATIVE);
-    push(c, b, IORING_OP_UNLINKAT, 0, c->cfg.ns_fd, ptr(b->tmp), 0, 0, 0, 0, 0, R_CANCELLED);
-}
-
-static void store_cleanup_or_retry(struct kvu_core *c, struct block *b, int32_t res, int close)
-{
-    int again = retry(c, b, res);
-    store_cleanup(c, b, again ? 0 : fail(c, res), again, close);
-}
-
-static void store_make_dirs(struct kvu_core *c, struct block *b)
-{
-    /* First block in this leaf: make both levels (EEXIST is fine: hard
-     * links run on), checking the upper one is a real directory before
-     * making anything inside it. */
-    int ns = c->cfg.ns_fd;
-    new_chain(c, b, ST_MKDIR);
-    b->made_dirs = 1;
-    push(c, b, IORING_OP_MKDIRAT, H_ | S_, ns, ptr(b->upper), 0, 0, 0, 0755, 0, R_CANCELLED);
-    push(c, b, IORING_OP_OPENAT2, L_ | S_, ns, ptr(b->upper), 0, 0, 0, ptr(&c->how_dir), slot_of(c, b) + 1,
-         R_NEGATIVE);
-    push(c, b, IORING_OP_MKDIRAT, 0, ns, ptr(b->leaf), 0, 0, 0, 0755, 0, R_CANCELLED);
-}
-
-static void store_after_rename(struct kvu_core *c, struct block *b, int32_t res)
-{
-    if (res == 0) {
-        finish(c, b, KVU_STORED, 0);
-    } else if (res == -EEXIST) {
-        b->exists = 1;
-        store_cleanup(c, b, 0, 0, 0);
-    } else if (res == -EINVAL && b->sent_noreplace) {
-        /* NFS, CephFS, Lustre, 9p and some FUSE filesystems reject
-         * RENAME_NOREPLACE; a plain rename is still atomic and only ever
-         * puts the same key's block in place.  Every block of a batch sent
-         * with the flag comes here, not only the first. */
-        if (c->cfg.noreplace) {
-            c->cfg.noreplace = 0;
-            c->st.noreplace_fallbacks++;
-        }
-        new_chain(c, b, ST_RENAME);
-        b->sent_noreplace = 0;
-        push(c, b, IORING_OP_RENAMEAT, 0, c->cfg.ns_fd, ptr(b->tmp), 0, 0, 0,
-             (uint64_t)(int64_t)c->cfg.ns_fd, ptr(b->path), R_CANCELLED);
-    } else {
-        store_cleanup_or_retry(c, b, res, 0);
-    }
-}
-
-static void store_end(struct kvu_core *c, struct block *b)
-{
-    const int32_t *res;
-    int32_t bad;
-    switch (b->stage) {
-    case ST_CLEANUP:
-        if (b->retry_after_cleanup) {
-            b->retry_after_cleanup = 0;
-            store_begin(c, b);
-        } else if (b->exists) {
-            finish(c, b, KVU_EXISTS, 0);
-        } else {
-            finish(c, b, KVU_FAILED, b->error);
-        }
-        return;
-    case ST_RENAME:
-        store_after_rename(c, b, b->res[0] == NONE ? -ECANCELED : b->res[0]);
-        return;
-    case ST_MKDIR: {
-        int32_t check = b->res[1], leaf = b->res[2];
-        if (check != NONE && check < 0)
-            finish(c, b, KVU_FAILED, fail(c, check));
-        else if (leaf != NONE && leaf < 0 && leaf != -EEXIST)
-            finish(c, b, KVU_FAILED, fail(c, leaf));
-        else
-            store_begin(c, b);
-        return;
-    }
-    default:
-        break;
-    }
-    if (b->dircheck) {
-        /* The upper-directory check failed: missing (make it, checked) or
-         * not a real directory (never write through it). */
-        int32_t check = b->res[0];
-        if (check != NONE && check < 0) {
-            if (check == -ENOENT && !b->made_dirs)
-                store_make_dirs(c, b);
-            else
-                finish(c, b, KVU_FAILED, fail(c, check));
-            return;
-        }
-    }
-    res = b->res + b->first; /* a leaf mkdir's EEXIST (or error) needs no action */
-    if (res[0] != NONE && res[0] < 0) {
-        if (res[0] == -ENOENT && !b->made_dirs)
-            store_make_dirs(c, b);
-        else if (retry(c, b, res[0]))
-            store_begin(c, b);
-        else
-            finish(c, b, KVU_FAILED, fail(c, res[0]));
-        return;
-    }
-    bit_set(c->leaf_ready, b->leaf_index);
-    bad = transfer_failure(b, res + 1);
-    if (bad < 0) {
-        store_cleanup_or_retry(c, b, bad, 1);
-        return;
-    }
-    if (bad) {
-        /* A short write: the filesystem ran out of room part way. */
-        store_cleanup(c, b, fail(c, -ENOSPC), 0, 1);
-        return;
-    }
-    res += 1 + b->ntransfer;
-    if (res[0] != NONE && res[0] < 0) {
-        store_cleanup_or_retry(c, b, res[0], 1);
-        return;
-    }
-    store_after_rename(c, b, res[1] == NONE ? -ECANCELED : res[1]);
-}
-
-/* ------------------------------------------------------------------------ */
-/* presence checks and deletes                                              */
-/* ------------------------------------------------------------------------ */
-
-static void stat_end(struct kvu_core *c, struct block *b)
-{
-    int32_t res = b->res[0];
-    if (res < 0 && retry(c, b, res)) {
-        stat_begin(c, b);
-    } else if (res == 0) {
-        int present = S_ISREG(b->sx.stx_mode) && b->sx.stx_size == c->file_size;
-        finish(c, b, present ? KVU_PRESENT : KVU_ABSENT, 0);
-    } else if (res == -ENOENT || res == -ENOTDIR) {
-        finish(c, b, KVU_ABSENT, 0);
-    } else {
-        finish(c, b, KVU_FAILED, fail(c, res));
-    }
-}
-
-static void delete_end(struct kvu_core *c, struct block *b)
-{
-    int32_t dir = b->res[0] == NONE ? 0 : b->res[0], unlink = b->res[1];
-    if (dir < 0) {
-        if (dir == -ENOENT || dir == -ENOTDIR)
-            finish(c, b, KVU_ABSENT, 0);
-        else
-            finish(c, b, KVU_FAILED, fail(c, dir));
-    } else if (unlink == 0) {
-        if (!b->batch->quiet)
-            c->st.deleted++;
-        finish(c, b, KVU_PRESENT, 0);
-    } else if (unlink == NONE || unlink == -ENOENT) {
-        finish(c, b, KVU_ABSENT, 0);
-    } else {
-        finish(c, b, KVU_FAILED, fail(c, unlink));
-    }
-}
-
-static void end_chain(struct kvu_core *c, struct block *b)
-{
-    switch (b->batch->kind) {
-    case KVU_LOAD:
-        load_end(c, b);
-        break;
-    case KVU_STORE:
-        store_end(c, b);
-        break;
-    case KVU_STAT:
-        stat_end(c, b);
-        break;
-    default:
-        delete_end(c, b);
-        break;
-    }
 }
 
 /* ------------------------------------------------------------------------ */
@@ -848,7 +314,7 @@ static void dispatch(struct kvu_core *c, uint64_t ud, int32_t res)
         }
     }
     if (over)
-        end_chain(c, b);
+        kvu_end_chain(c, b);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -940,7 +406,7 @@ static void start_block(struct kvu_core *c, struct kvu_batch *batch)
         size_t align = c->cfg.mem_align < 4096 ? 4096 : c->cfg.mem_align;
         b->bounce = aligned_alloc(align, (bs + align - 1) / align * align);
         if (!b->bounce) {
-            finish(c, b, KVU_FAILED, fail(c, -ENOMEM));
+            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, -ENOMEM));
             return;
         }
         if (batch->kind == KVU_STORE)
@@ -952,20 +418,20 @@ static void start_block(struct kvu_core *c, struct kvu_batch *batch)
     if (batch->kind == KVU_STORE) {
         int r = note_leaf(c, b);
         if (r < 0) {
-            finish(c, b, KVU_FAILED, fail(c, r));
+            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, r));
             return;
         }
         r = snprintf(b->tmp, sizeof b->tmp, "%s%sc%llu.tmp", b->path, c->cfg.marker,
                      (unsigned long long)++c->tmp_seq);
         if (r < 0 || (size_t)r >= sizeof b->tmp) {
-            finish(c, b, KVU_FAILED, fail(c, -ENAMETOOLONG));
+            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, -ENAMETOOLONG));
             return;
         }
         b->psum = !c->cfg.verify || sealed_by_worker(c, batch) ? 0
                   : batch->psums ? batch->psums[i]
                                  : kvu_checksum((const void *)(uintptr_t)b->addr, bs);
     }
-    begin(c, b);
+    kvu_begin(c, b);
 }
 
 static void fill(struct kvu_core *c)
@@ -1162,3 +628,4 @@ unsigned kvu_core_load_ioprio(const struct kvu_core *c)
 {
     return c->cfg.load_ioprio;
 }
+

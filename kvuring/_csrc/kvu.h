@@ -5,8 +5,9 @@
  * cdef in build_uring.py.  The .c files beside this header each hold one
  * idea: ops.c (operation words -> SQEs, CQEs -> arrays, for either engine),
  * chain.c (the same words run with plain syscalls), pool.c (the thread
- * engine's POSIX threads), format.c (paths, trailer, checksums) and
- * blocks.c (the per-block state machine every front end drives).
+ * engine's POSIX threads), format.c (paths, trailer, checksums), and
+ * blocks.c with chains.c (the per-block state machine every front end
+ * drives; blocks.h is their private contract).
  */
 #ifndef KVU_H
 #define KVU_H

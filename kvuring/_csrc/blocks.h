@@ -1,0 +1,137 @@
+/*
+ * blocks.h: the block core's private contract between blocks.c (batches,
+ * slots, completions) and chains.c (what each kind of block submits and
+ * what its completions mean).  Python never sees these; kvu.h is the
+ * public side.
+ */
+#ifndef KVU_BLOCKS_H
+#define KVU_BLOCKS_H
+
+#include "kvu.h"
+
+#include <stdint.h>
+#include <sys/uio.h>
+#include <linux/openat2.h>
+
+#define NONE INT32_MIN /* no completion seen for this step */
+#define MAX_RETRIES 8  /* EAGAIN, EINTR, ECANCELED: runs of a chain, per block */
+#define REFILL_EVERY 16 /* completions dispatched between submits, within one pump */
+
+#define S_ IOSQE_CQE_SKIP_SUCCESS
+#define L_ IOSQE_IO_LINK
+#define H_ IOSQE_IO_HARDLINK
+#define A_ IOSQE_ASYNC
+#define F_ IOSQE_FIXED_FILE
+
+/* What makes a result fail its request (the kernel's REQ_F_FAIL), which is
+ * what breaks a soft link; a rule >= 0 is a transfer of exactly that many
+ * bytes.  Mirrors kvu_fails in chain.c. */
+#define R_NEGATIVE (-1)
+#define R_CANCELLED (-2) /* statx, mkdirat, unlinkat, renameat: an error is only a result */
+
+enum stage { ST_MAIN, ST_MKDIR, ST_RENAME, ST_CLEANUP, ST_UNLINK };
+
+struct block {
+    struct kvu_batch *batch;
+    unsigned index;
+    uint32_t gen;
+    uint8_t active, stage, nsteps, loud, retries;
+    uint8_t first;               /* store: steps before the create (leaf check, seal) */
+    uint8_t dircheck;            /* store: the chain starts with the leaf check */
+    uint8_t made_dirs, exists, retry_after_cleanup, sent_noreplace;
+    uint8_t ntransfer;           /* transfer steps in the chain: 1, or 2 with registered buffers */
+    uint8_t hashed;              /* load: the engine computed `computed` (KVU_OP_CHECKSUM) */
+    uint8_t flags[KVU_MAX_CHAIN];
+    int32_t rule[KVU_MAX_CHAIN];
+    int32_t res[KVU_MAX_CHAIN];
+    int32_t error;
+    uint64_t addr;               /* what the kernel reads or writes: the buffer or its bounce copy */
+    uint64_t user;               /* the caller's buffer */
+    void *bounce;
+    uint64_t psum;
+    uint64_t computed;           /* load: the payload's xxh3, from a KVU_OP_CHECKSUM step */
+    uint64_t want[2];            /* bytes each transfer moves */
+    unsigned leaf_index;
+    unsigned klen;
+    uint8_t key[KVU_MAX_KEY];
+    char leaf[8];
+    char upper[4];
+    char path[KVU_PATH_MAX];
+    char tmp[KVU_TMP_MAX];
+    struct iovec iov[2];
+    struct statx sx;
+};
+
+struct queue {
+    struct kvu_batch *head, *tail;
+};
+
+struct kvu_core {
+    struct kvu_core_config cfg;
+    struct kvu_engine *eng;
+    struct open_how how_read, how_dir, how_create;
+    struct block *blocks;
+    unsigned *free_slots;
+    unsigned nfree;
+    uint8_t *leaf_ready;          /* bitmap over the 2^20 leaves: known to exist */
+    uint8_t *leaf_noted;          /* bitmap: in the writer registry */
+    struct queue fast;            /* loads, stats, deletes */
+    struct queue stores;
+    unsigned loads;               /* load blocks added and not finished (the gate) */
+    unsigned stores_running;      /* store blocks in flight */
+    unsigned unstarted;           /* queued blocks */
+    unsigned active;
+    uint32_t gen;
+    uint64_t tmp_seq;
+    uint64_t file_size;
+    uint64_t *words;
+    unsigned nops, ops_cap;
+    uint64_t *done;
+    unsigned ndone, done_cap;
+    uint64_t *rud;
+    int32_t *rres;
+    unsigned rcap;
+    uint64_t *spans;              /* registered buffers: (start, end, index) triples, sorted */
+    unsigned nspans;
+    struct kvu_core_stats st;
+};
+
+#define LEAVES (1u << 20)
+
+static inline int bit_get(const uint8_t *map, unsigned i) { return map[i >> 3] >> (i & 7) & 1; }
+static inline void bit_set(uint8_t *map, unsigned i) { map[i >> 3] |= (uint8_t)(1u << (i & 7)); }
+
+static inline unsigned slot_of(const struct kvu_core *c, const struct block *b)
+{
+    return c->cfg.slot_base + (unsigned)(b - c->blocks);
+}
+
+static inline uint8_t *trailer_of(const struct kvu_core *c, const struct block *b)
+{
+    return (uint8_t *)(uintptr_t)c->cfg.trailers + (size_t)(b - c->blocks) * KVU_TRAILER_SIZE;
+}
+
+static inline uint64_t ptr(const void *p) { return (uint64_t)(uintptr_t)p; }
+
+/* Whether a store's trailer is packed by the thread engine's worker (KVU_OP_SEAL). */
+static inline int sealed_by_worker(const struct kvu_core *c, const struct kvu_batch *batch)
+{
+    return c->cfg.verify && c->eng->pool != NULL && !batch->psums;
+}
+
+#define KVU_HIDDEN __attribute__((visibility("hidden")))
+
+/* blocks.c */
+KVU_HIDDEN void kvu_push(struct kvu_core *c, struct block *b, int op, unsigned flags, int64_t fd,
+                         uint64_t addr, uint64_t len, uint64_t off, uint64_t a1, uint64_t a2, uint64_t a3,
+                         int32_t rule);
+KVU_HIDDEN void kvu_new_chain(struct kvu_core *c, struct block *b, enum stage stage);
+KVU_HIDDEN void kvu_finish(struct kvu_core *c, struct block *b, int status, int32_t error);
+KVU_HIDDEN int32_t kvu_fail(struct kvu_core *c, int32_t res);
+KVU_HIDDEN int kvu_retry(struct kvu_core *c, struct block *b, int32_t res);
+
+/* chains.c */
+KVU_HIDDEN void kvu_begin(struct kvu_core *c, struct block *b);
+KVU_HIDDEN void kvu_end_chain(struct kvu_core *c, struct block *b);
+
+#endif

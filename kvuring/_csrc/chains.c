@@ -1,0 +1,445 @@
+/*
+ * chains.c: what each kind of block submits (its first chain and its
+ * follow-ups) and what its completions mean.  blocks.c calls kvu_begin when
+ * a block takes a slot and kvu_end_chain when one of its chains is over;
+ * these write the next chain with kvu_push or end the block with kvu_finish.
+ */
+#define _GNU_SOURCE
+#include "blocks.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/stat.h>
+
+/* The registered buffer holding [addr, addr + len), or -1. */
+static int fixed_index(const struct kvu_core *c, uint64_t addr, uint64_t len)
+{
+    unsigned lo = 0, hi = c->nspans;
+    while (lo < hi) {
+        unsigned mid = (lo + hi) / 2;
+        if (c->spans[3 * mid] <= addr)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (!lo || addr + len > c->spans[3 * (lo - 1) + 1])
+        return -1;
+    return (int)c->spans[3 * (lo - 1) + 2];
+}
+
+/*
+ * The payload (and trailer) transfers of a load or store: one readv/writev
+ * of payload + trailer page, or with registered memory two fixed transfers
+ * (a fixed transfer takes one contiguous range), or the bare payload for
+ * verify=False.
+ */
+static void push_transfer(struct kvu_core *c, struct block *b, int reading, unsigned flags, unsigned prio)
+{
+    uint64_t bs = c->cfg.block_size;
+    unsigned slot = slot_of(c, b);
+    int fixed = -1;
+    if (c->nspans && !b->bounce && (!c->cfg.verify || c->cfg.trailer_index >= 0))
+        fixed = fixed_index(c, b->addr, bs);
+    if (fixed >= 0) {
+        int op = reading ? IORING_OP_READ_FIXED : IORING_OP_WRITE_FIXED;
+        c->st.fixed_transfers++;
+        b->want[0] = bs;
+        b->ntransfer = 1;
+        kvu_push(c, b, op, flags, slot, b->addr, bs, 0, 0, (uint64_t)fixed, prio, (int32_t)bs);
+        if (c->cfg.verify) {
+            b->want[1] = KVU_TRAILER_SIZE;
+            b->ntransfer = 2;
+            kvu_push(c, b, op, flags, slot, ptr(trailer_of(c, b)), KVU_TRAILER_SIZE, bs, 0,
+                 (uint64_t)c->cfg.trailer_index, prio, KVU_TRAILER_SIZE);
+        }
+        return;
+    }
+    b->ntransfer = 1;
+    if (c->cfg.verify) {
+        b->iov[0].iov_base = (void *)(uintptr_t)b->addr;
+        b->iov[0].iov_len = bs;
+        b->iov[1].iov_base = trailer_of(c, b);
+        b->iov[1].iov_len = KVU_TRAILER_SIZE;
+        b->want[0] = bs + KVU_TRAILER_SIZE;
+        kvu_push(c, b, reading ? IORING_OP_READV : IORING_OP_WRITEV, flags, slot, ptr(b->iov), 2, 0, 0, 0,
+             prio, (int32_t)b->want[0]);
+    } else {
+        b->want[0] = bs;
+        kvu_push(c, b, reading ? IORING_OP_READ : IORING_OP_WRITE, flags, slot, b->addr, bs, 0, 0, 0, prio,
+             (int32_t)bs);
+    }
+}
+
+/* The first failed transfer: its negative result, 1 if one was short, or 0. */
+static int32_t transfer_failure(const struct block *b, const int32_t *res)
+{
+    unsigned i;
+    for (i = 0; i < b->ntransfer; i++)
+        if (res[i] != NONE && res[i] < 0)
+            return res[i];
+    for (i = 0; i < b->ntransfer; i++)
+        if (res[i] != NONE && (uint64_t)res[i] != b->want[i])
+            return 1;
+    return 0;
+}
+
+static void load_begin(struct kvu_core *c, struct block *b)
+{
+    unsigned slot = slot_of(c, b);
+    kvu_new_chain(c, b, ST_MAIN);
+    kvu_push(c, b, IORING_OP_OPENAT2, L_ | S_ | c->cfg.open_flags, c->cfg.ns_fd, ptr(b->path), 0, 0, 0, ptr(&c->how_read),
+         slot + 1, R_NEGATIVE);
+    /* Hard link: the close runs whatever the read did, so the slot is freed. */
+    push_transfer(c, b, 1, H_ | S_ | F_ | c->cfg.read_flags, c->cfg.load_ioprio);
+    /* The thread engine checksums on the worker that read the block. */
+    b->hashed = c->cfg.verify && c->eng->pool != NULL && !b->batch->defer_verify;
+    if (b->hashed)
+        kvu_push(c, b, KVU_OP_CHECKSUM, H_ | S_, 0, b->addr, c->cfg.block_size, 0, ptr(&b->computed), 0, 0,
+             R_NEGATIVE);
+    kvu_push(c, b, IORING_OP_CLOSE, 0, 0, 0, 0, 0, 0, 0, slot + 1, R_NEGATIVE);
+}
+
+
+static void store_begin(struct kvu_core *c, struct block *b)
+{
+    unsigned slot = slot_of(c, b);
+    int ns = c->cfg.ns_fd;
+    kvu_new_chain(c, b, ST_MAIN);
+    b->first = 0;
+    b->dircheck = 0;
+    if (!bit_get(c->leaf_ready, b->leaf_index)) {
+        /* A leaf not known to exist: check its upper directory is a real one
+         * beneath the namespace, then make the leaf (EEXIST is fine, the
+         * hard link runs on).  The create refuses symlinks on the whole path. */
+        kvu_push(c, b, IORING_OP_OPENAT2, L_ | S_, ns, ptr(b->upper), 0, 0, 0, ptr(&c->how_dir), slot + 1,
+             R_NEGATIVE);
+        kvu_push(c, b, IORING_OP_MKDIRAT, H_ | S_, ns, ptr(b->leaf), 0, 0, 0, 0755, 0, R_CANCELLED);
+        b->first = 2;
+        b->dircheck = 1;
+    }
+    if (sealed_by_worker(c, b->batch)) {
+        /* The thread engine checksums and packs the trailer on the worker
+         * that writes the block. */
+        kvu_push(c, b, KVU_OP_SEAL, L_ | S_, 0, b->addr, c->cfg.block_size, 0, ptr(trailer_of(c, b)), ptr(b->key),
+             b->klen, R_NEGATIVE);
+        b->first++;
+    } else if (c->cfg.verify) {
+        kvu_pack_trailer(trailer_of(c, b), b->key, b->klen, c->cfg.block_size, b->psum);
+    }
+    kvu_push(c, b, IORING_OP_OPENAT2, L_ | S_ | A_, ns, ptr(b->tmp), 0, 0, 0, ptr(&c->how_create), slot + 1,
+         R_NEGATIVE);
+    push_transfer(c, b, 0, L_ | S_ | F_, 0);
+    kvu_push(c, b, IORING_OP_CLOSE, L_ | S_, 0, 0, 0, 0, 0, 0, slot + 1, R_NEGATIVE);
+    b->sent_noreplace = (uint8_t)c->cfg.noreplace;
+    kvu_push(c, b, IORING_OP_RENAMEAT, 0, ns, ptr(b->tmp), 0, 0, c->cfg.noreplace ? RENAME_NOREPLACE : 0,
+         (uint64_t)(int64_t)ns, ptr(b->path), R_CANCELLED);
+}
+
+static void stat_begin(struct kvu_core *c, struct block *b)
+{
+    kvu_new_chain(c, b, ST_MAIN);
+    kvu_push(c, b, IORING_OP_STATX, 0, c->cfg.ns_fd, ptr(b->path), 0, 0, AT_SYMLINK_NOFOLLOW,
+         STATX_BASIC_STATS, ptr(&b->sx), R_CANCELLED);
+}
+
+static void delete_begin(struct kvu_core *c, struct block *b)
+{
+    unsigned slot = slot_of(c, b);
+    kvu_new_chain(c, b, ST_MAIN);
+    /* Check the directories are real ones beneath the namespace before
+     * unlinking through them: a planted symlink must not redirect it.  No
+     * CQE_SKIP_SUCCESS on the unlink: a failed unlinkat is not marked
+     * failed, so a skipped CQE would hide ENOENT. */
+    kvu_push(c, b, IORING_OP_OPENAT2, L_ | S_, c->cfg.ns_fd, ptr(b->leaf), 0, 0, 0, ptr(&c->how_dir), slot + 1,
+         R_NEGATIVE);
+    kvu_push(c, b, IORING_OP_UNLINKAT, H_, c->cfg.ns_fd, ptr(b->path), 0, 0, 0, 0, 0, R_CANCELLED);
+    kvu_push(c, b, IORING_OP_CLOSE, 0, 0, 0, 0, 0, 0, 0, slot + 1, R_NEGATIVE);
+}
+
+void kvu_begin(struct kvu_core *c, struct block *b)
+{
+    switch (b->batch->kind) {
+    case KVU_LOAD:
+        load_begin(c, b);
+        break;
+    case KVU_STORE:
+        store_begin(c, b);
+        break;
+    case KVU_STAT:
+        stat_begin(c, b);
+        break;
+    default:
+        delete_begin(c, b);
+        break;
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* loads                                                                    */
+/* ------------------------------------------------------------------------ */
+
+static void load_check(struct kvu_core *c, struct block *b, int why)
+{
+    uint64_t bs = c->cfg.block_size;
+    if (!why && c->cfg.verify) {
+        uint64_t psum = 0;
+        why = kvu_check_trailer(trailer_of(c, b), b->key, b->klen, bs, &psum);
+        if (!why) {
+            if (b->hashed) {
+                if (b->computed != psum)
+                    why = KVU_BAD_PAYLOAD_SUM;
+            } else if (b->batch->defer_verify && !b->bounce) {
+                /* The caller compares the payload checksums of the batch on
+                 * worker threads once its reads are done. */
+                b->batch->psum_out[b->index] = psum;
+                kvu_finish(c, b, KVU_UNVERIFIED, 0);
+                return;
+            } else if (kvu_checksum((const void *)(uintptr_t)b->addr, bs) != psum) {
+                why = KVU_BAD_PAYLOAD_SUM;
+            }
+        }
+    }
+    if (!why) {
+        if (b->bounce)
+            memcpy((void *)(uintptr_t)b->user, b->bounce, bs);
+        kvu_finish(c, b, KVU_HIT, 0);
+        return;
+    }
+    /* A damaged block: remove it, so the next load is a MISS, not a retry. */
+    c->st.corrupt++;
+    b->error = why;
+    kvu_new_chain(c, b, ST_UNLINK);
+    kvu_push(c, b, IORING_OP_UNLINKAT, 0, c->cfg.ns_fd, ptr(b->path), 0, 0, 0, 0, 0, R_CANCELLED);
+}
+
+static void load_end(struct kvu_core *c, struct block *b)
+{
+    int32_t open = b->res[0], bad;
+    unsigned i;
+    int quiet = open == NONE;
+    if (b->stage == ST_UNLINK) {
+        kvu_finish(c, b, KVU_CORRUPT, b->error);
+        return;
+    }
+    for (i = 0; i < b->ntransfer; i++)
+        quiet &= b->res[1 + i] == NONE;
+    if (quiet) {
+        load_check(c, b, 0); /* open and reads went well: only the close posted */
+        return;
+    }
+    if (open != NONE && open < 0) {
+        if (open == -ENOENT)
+            kvu_finish(c, b, KVU_MISS, 0);
+        else if (kvu_retry(c, b, open))
+            load_begin(c, b);
+        else
+            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, open));
+        return;
+    }
+    bad = transfer_failure(b, b->res + 1);
+    if (bad < 0) {
+        if (bad == -EPERM && c->cfg.load_ioprio) {
+            /* The kernel refused the realtime I/O class after all: drop it. */
+            c->cfg.load_ioprio = 0;
+            c->st.ioprio_dropped++;
+            load_begin(c, b);
+        } else if (kvu_retry(c, b, bad)) {
+            load_begin(c, b);
+        } else {
+            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, bad));
+        }
+        return;
+    }
+    load_check(c, b, bad ? KVU_SHORT_READ : 0);
+}
+
+/* ------------------------------------------------------------------------ */
+/* stores                                                                   */
+/* ------------------------------------------------------------------------ */
+
+static void store_cleanup(struct kvu_core *c, struct block *b, int32_t error, int again, int close)
+{
+    /* The rename never ran or failed: close the slot if a write failed
+     * (harmless when already closed) and remove the temp file. */
+    kvu_new_chain(c, b, ST_CLEANUP);
+    b->error = error;
+    b->retry_after_cleanup = (uint8_t)again;
+    if (close)
+        kvu_push(c, b, IORING_OP_CLOSE, H_ | S_, 0, 0, 0, 0, 0, 0, slot_of(c, b) + 1, R_NEGATIVE);
+    kvu_push(c, b, IORING_OP_UNLINKAT, 0, c->cfg.ns_fd, ptr(b->tmp), 0, 0, 0, 0, 0, R_CANCELLED);
+}
+
+static void store_cleanup_or_retry(struct kvu_core *c, struct block *b, int32_t res, int close)
+{
+    int again = kvu_retry(c, b, res);
+    store_cleanup(c, b, again ? 0 : kvu_fail(c, res), again, close);
+}
+
+static void store_make_dirs(struct kvu_core *c, struct block *b)
+{
+    /* First block in this leaf: make both levels (EEXIST is fine: hard
+     * links run on), checking the upper one is a real directory before
+     * making anything inside it. */
+    int ns = c->cfg.ns_fd;
+    kvu_new_chain(c, b, ST_MKDIR);
+    b->made_dirs = 1;
+    kvu_push(c, b, IORING_OP_MKDIRAT, H_ | S_, ns, ptr(b->upper), 0, 0, 0, 0755, 0, R_CANCELLED);
+    kvu_push(c, b, IORING_OP_OPENAT2, L_ | S_, ns, ptr(b->upper), 0, 0, 0, ptr(&c->how_dir), slot_of(c, b) + 1,
+         R_NEGATIVE);
+    kvu_push(c, b, IORING_OP_MKDIRAT, 0, ns, ptr(b->leaf), 0, 0, 0, 0755, 0, R_CANCELLED);
+}
+
+static void store_after_rename(struct kvu_core *c, struct block *b, int32_t res)
+{
+    if (res == 0) {
+        kvu_finish(c, b, KVU_STORED, 0);
+    } else if (res == -EEXIST) {
+        b->exists = 1;
+        store_cleanup(c, b, 0, 0, 0);
+    } else if (res == -EINVAL && b->sent_noreplace) {
+        /* NFS, CephFS, Lustre, 9p and some FUSE filesystems reject
+         * RENAME_NOREPLACE; a plain rename is still atomic and only ever
+         * puts the same key's block in place.  Every block of a batch sent
+         * with the flag comes here, not only the first. */
+        if (c->cfg.noreplace) {
+            c->cfg.noreplace = 0;
+            c->st.noreplace_fallbacks++;
+        }
+        kvu_new_chain(c, b, ST_RENAME);
+        b->sent_noreplace = 0;
+        kvu_push(c, b, IORING_OP_RENAMEAT, 0, c->cfg.ns_fd, ptr(b->tmp), 0, 0, 0,
+             (uint64_t)(int64_t)c->cfg.ns_fd, ptr(b->path), R_CANCELLED);
+    } else {
+        store_cleanup_or_retry(c, b, res, 0);
+    }
+}
+
+static void store_end(struct kvu_core *c, struct block *b)
+{
+    const int32_t *res;
+    int32_t bad;
+    switch (b->stage) {
+    case ST_CLEANUP:
+        if (b->retry_after_cleanup) {
+            b->retry_after_cleanup = 0;
+            store_begin(c, b);
+        } else if (b->exists) {
+            kvu_finish(c, b, KVU_EXISTS, 0);
+        } else {
+            kvu_finish(c, b, KVU_FAILED, b->error);
+        }
+        return;
+    case ST_RENAME:
+        store_after_rename(c, b, b->res[0] == NONE ? -ECANCELED : b->res[0]);
+        return;
+    case ST_MKDIR: {
+        int32_t check = b->res[1], leaf = b->res[2];
+        if (check != NONE && check < 0)
+            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, check));
+        else if (leaf != NONE && leaf < 0 && leaf != -EEXIST)
+            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, leaf));
+        else
+            store_begin(c, b);
+        return;
+    }
+    default:
+        break;
+    }
+    if (b->dircheck) {
+        /* The upper-directory check failed: missing (make it, checked) or
+         * not a real directory (never write through it). */
+        int32_t check = b->res[0];
+        if (check != NONE && check < 0) {
+            if (check == -ENOENT && !b->made_dirs)
+                store_make_dirs(c, b);
+            else
+                kvu_finish(c, b, KVU_FAILED, kvu_fail(c, check));
+            return;
+        }
+    }
+    res = b->res + b->first; /* a leaf mkdir's EEXIST (or error) needs no action */
+    if (res[0] != NONE && res[0] < 0) {
+        if (res[0] == -ENOENT && !b->made_dirs)
+            store_make_dirs(c, b);
+        else if (kvu_retry(c, b, res[0]))
+            store_begin(c, b);
+        else
+            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, res[0]));
+        return;
+    }
+    bit_set(c->leaf_ready, b->leaf_index);
+    bad = transfer_failure(b, res + 1);
+    if (bad < 0) {
+        store_cleanup_or_retry(c, b, bad, 1);
+        return;
+    }
+    if (bad) {
+        /* A short write: the filesystem ran out of room part way. */
+        store_cleanup(c, b, kvu_fail(c, -ENOSPC), 0, 1);
+        return;
+    }
+    res += 1 + b->ntransfer;
+    if (res[0] != NONE && res[0] < 0) {
+        store_cleanup_or_retry(c, b, res[0], 1);
+        return;
+    }
+    store_after_rename(c, b, res[1] == NONE ? -ECANCELED : res[1]);
+}
+
+/* ------------------------------------------------------------------------ */
+/* presence checks and deletes                                              */
+/* ------------------------------------------------------------------------ */
+
+static void stat_end(struct kvu_core *c, struct block *b)
+{
+    int32_t res = b->res[0];
+    if (res < 0 && kvu_retry(c, b, res)) {
+        stat_begin(c, b);
+    } else if (res == 0) {
+        int present = S_ISREG(b->sx.stx_mode) && b->sx.stx_size == c->file_size;
+        kvu_finish(c, b, present ? KVU_PRESENT : KVU_ABSENT, 0);
+    } else if (res == -ENOENT || res == -ENOTDIR) {
+        kvu_finish(c, b, KVU_ABSENT, 0);
+    } else {
+        kvu_finish(c, b, KVU_FAILED, kvu_fail(c, res));
+    }
+}
+
+static void delete_end(struct kvu_core *c, struct block *b)
+{
+    int32_t dir = b->res[0] == NONE ? 0 : b->res[0], unlink = b->res[1];
+    if (dir < 0) {
+        if (dir == -ENOENT || dir == -ENOTDIR)
+            kvu_finish(c, b, KVU_ABSENT, 0);
+        else
+            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, dir));
+    } else if (unlink == 0) {
+        if (!b->batch->quiet)
+            c->st.deleted++;
+        kvu_finish(c, b, KVU_PRESENT, 0);
+    } else if (unlink == NONE || unlink == -ENOENT) {
+        kvu_finish(c, b, KVU_ABSENT, 0);
+    } else {
+        kvu_finish(c, b, KVU_FAILED, kvu_fail(c, unlink));
+    }
+}
+
+void kvu_end_chain(struct kvu_core *c, struct block *b)
+{
+    switch (b->batch->kind) {
+    case KVU_LOAD:
+        load_end(c, b);
+        break;
+    case KVU_STORE:
+        store_end(c, b);
+        break;
+    case KVU_STAT:
+        stat_end(c, b);
+        break;
+    default:
+        delete_end(c, b);
+        break;
+    }
+}
+
