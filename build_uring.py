@@ -147,86 +147,16 @@ void io_uring_prep_link_timeout(struct io_uring_sqe *sqe, struct __kernel_timesp
 #define STATX_DIOALIGN ...
 """
 
-# What Python calls of kvuring's own C (kvuring/_csrc/kvu.h says the same).
-CDEF_KVURING = """
-#define KVU_OP_WORDS ...
-#define KVU_MAX_CHAIN ...
-#define KVU_TRAILER_SIZE ...
-#define KVU_CORE_TAG ...
 
-static const int KVU_PENDING, KVU_STORED, KVU_EXISTS, KVU_HIT, KVU_MISS, KVU_CORRUPT, KVU_FAILED,
-                 KVU_UNVERIFIED, KVU_PRESENT, KVU_ABSENT;
-static const int KVU_OK, KVU_BAD_MAGIC, KVU_BAD_TRAILER_SUM, KVU_BAD_PADDING, KVU_BAD_VERSION,
-                 KVU_BAD_LENGTH, KVU_BAD_KEY, KVU_BAD_PAYLOAD_SUM, KVU_SHORT_READ;
-static const int KVU_LOAD, KVU_STORE, KVU_STAT, KVU_DELETE;
+# What Python calls of kvuring's own C: the part of kvuring/_csrc/kvu.h
+# between its "cdef: begin" and "cdef: end" markers, read as it is, so the
+# cdef cannot drift from the header the C is compiled against.
+def _kvu_cdef(csrc: str) -> str:
+    with open(os.path.join(csrc, "kvu.h"), encoding="utf-8") as header:
+        text = header.read()
+    begin, end = text.index("cdef: begin"), text.index("/* cdef: end */")
+    return text[text.index("*/", begin) + 2 : end]
 
-struct kvu_pool;
-struct kvu_engine {
-    struct io_uring *ring; struct kvu_pool *pool; int efd; int defer_taskrun;
-    uint64_t sqes_submitted, enter_calls, cqes_reaped; ...;
-};
-struct kvu_batch {
-    uint64_t id; int kind; unsigned n, ready;
-    const uint8_t *keys; const uint32_t *key_off; const uint64_t *addrs; const uint64_t *psums;
-    uint64_t *psum_out; int32_t *status; int32_t *error; unsigned defer_verify; unsigned quiet;
-    unsigned next, pending, failed, corrupt, unverified, bounced; int cancelled, queued; ...;
-};
-struct kvu_core_stats {
-    uint64_t stored, exists, hits, misses, corrupt, failures, deleted;
-    uint64_t bytes_written, bytes_read, bounced, held, retries, stray;
-    uint64_t noreplace_fallbacks, ioprio_dropped, fixed_transfers; ...;
-};
-struct kvu_core_config {
-    int ns_fd; int reg_fd; uint64_t block_size; int verify; int direct; unsigned mem_align;
-    unsigned slots; unsigned slot_base; unsigned skip_success; unsigned open_flags; unsigned read_flags;
-    unsigned load_ioprio; unsigned store_limit; uint64_t trailers; int trailer_index; int noreplace; char suffix[8]; char marker[64]; ...;
-};
-struct kvu_core;
-
-int kvu_prep_ops(struct io_uring *ring, const uint64_t *ops, unsigned n);
-unsigned kvu_reap(struct io_uring *ring, uint64_t *user_data, int32_t *res, unsigned max);
-int kvu_register_buffer(struct io_uring *ring, unsigned index, uint64_t addr, uint64_t len);
-unsigned kvu_chain_len(const uint64_t *ops, unsigned n);
-int kvu_engine_submit(struct kvu_engine *e, const uint64_t *ops, unsigned n);
-unsigned kvu_engine_reap(struct kvu_engine *e, uint64_t *ud, int32_t *res, unsigned max);
-
-int kvu_statx(int dfd, const char *path, int flags, unsigned mask, struct statx *buf);
-unsigned kvu_run_chain(const uint64_t *ops, unsigned n, int *files, unsigned nfiles,
-                       uint64_t *user_data, int32_t *res);
-
-struct kvu_pool *kvu_pool_new(unsigned nthreads, unsigned nfiles, int efd);
-int kvu_pool_submit(struct kvu_pool *p, const uint64_t *ops, unsigned n);
-unsigned kvu_pool_reap(struct kvu_pool *p, uint64_t *ud, int32_t *res, unsigned max);
-unsigned kvu_pool_wait(struct kvu_pool *p, int until_idle);
-void kvu_pool_free(struct kvu_pool *p);
-
-uint64_t kvu_checksum(const void *p, size_t n);
-void kvu_pack_trailer(uint8_t *page, const uint8_t *key, unsigned klen, uint64_t plen, uint64_t psum);
-int kvu_check_trailer(const uint8_t *page, const uint8_t *key, unsigned klen, uint64_t plen,
-                      uint64_t *psum);
-unsigned kvu_block_path(const uint8_t *key, unsigned klen, const char *suffix, char *leaf, char *path);
-void kvu_checksum_many(const uint64_t *addrs, unsigned n, unsigned first, unsigned step, uint64_t len,
-                       uint64_t *out);
-unsigned kvu_verify_many(const uint64_t *addrs, unsigned n, unsigned first, unsigned step, uint64_t len,
-                         const uint64_t *want, int32_t *status, int32_t *error);
-
-struct kvu_core *kvu_core_new(const struct kvu_core_config *cfg, struct kvu_engine *engine);
-void kvu_core_free(struct kvu_core *c);
-void kvu_core_add(struct kvu_core *c, struct kvu_batch *b);
-void kvu_core_cancel(struct kvu_core *c, struct kvu_batch *b);
-int kvu_core_set_spans(struct kvu_core *c, const uint64_t *spans, unsigned n);
-int64_t kvu_row_addrs(uint64_t base, uint64_t stride, uint64_t nrows, const int64_t *rows, unsigned n,
-                      uint64_t *out);
-unsigned kvu_core_drop_queued_stores(struct kvu_core *c);
-int kvu_core_flush(struct kvu_core *c);
-unsigned kvu_core_pump(struct kvu_core *c, uint64_t *ud, int32_t *res, unsigned max, unsigned *nother);
-unsigned kvu_core_done(struct kvu_core *c, uint64_t *ids, unsigned max);
-unsigned kvu_core_busy(const struct kvu_core *c);
-unsigned kvu_core_active(const struct kvu_core *c);
-const struct kvu_core_stats *kvu_core_stats(const struct kvu_core *c);
-int kvu_core_noreplace(const struct kvu_core *c);
-unsigned kvu_core_load_ioprio(const struct kvu_core *c);
-"""
 
 # The C sources, relative to this file (setuptools wants relative paths).
 CSRC = "kvuring/_csrc"
@@ -277,7 +207,7 @@ def make_ffi(csrc: str = CSRC) -> FFI:
     """
     ffi = FFI()
     ffi.cdef(CDEF_LIBURING)
-    ffi.cdef(CDEF_KVURING)
+    ffi.cdef(_kvu_cdef(os.path.join(os.path.dirname(os.path.abspath(__file__)), csrc)))
     cflags = _flags("KVURING_LIBURING_CFLAGS", "--cflags")
     libs = _flags("KVURING_LIBURING_LIBS", "--libs")
     libs += _flags("KVURING_XXHASH_LIBS", "--libs", package="libxxhash")

@@ -31,13 +31,10 @@ from typing import Any
 
 from kvuring import _blocks as core_api
 from kvuring._driver import Driver
-from kvuring._format import check_namespace
-from kvuring._namespace import Namespace
-from kvuring._regions import FixedBuffers
-from kvuring._runner import BatchRunner, Job, start_core
+from kvuring._frontend import StoreFrontEnd
+from kvuring._runner import Job
 from kvuring._types import Buffer
-from kvuring.engine import open_engine, resolve_backend
-from kvuring.store import check_options, register_buffer, store_stats
+from kvuring.engine import open_engine
 
 __all__ = ["Finished", "PollingStore"]
 
@@ -63,12 +60,14 @@ class Finished:
     tag: object = None
 
 
-class PollingStore:
+class PollingStore(StoreFrontEnd):
     """A directory of KV-cache blocks, driven by polling: ``submit_*``, :meth:`poll`, :meth:`drain`.
 
     Arguments as for :class:`~kvuring.store.BlockStore`.  Open it with
     ``with PollingStore(root, block_size) as store`` or :meth:`open`.
     """
+
+    _how_to_open = "'with' or open()"
 
     def __init__(
         self,
@@ -83,28 +82,14 @@ class PollingStore:
         prioritize_loads: bool = True,
         fixed_buffers: bool = False,
     ) -> None:
-        check_options(block_size, direct, queue_depth)
-        self.root = os.path.abspath(os.fspath(root))
-        self.block_size = block_size
-        self.namespace = check_namespace(namespace)
-        self.backend_requested = resolve_backend(None if backend == "auto" else backend)
-        self.verify = bool(verify)
-        self.prioritize_loads = bool(prioritize_loads)
-        self.fixed_buffers = bool(fixed_buffers)
-        self.queue_depth = queue_depth
-        self._ns = Namespace(self.root, self.namespace, block_size, verify=self.verify,
-                             direct=direct, prioritize_loads=self.prioritize_loads,
-                             queue_depth=queue_depth)  # fmt: skip
+        super().__init__(root, block_size, namespace=namespace, backend=backend, direct=direct,
+                         verify=verify, queue_depth=queue_depth,
+                         prioritize_loads=prioritize_loads, fixed_buffers=fixed_buffers)  # fmt: skip
         self._driver: Driver | None = None
-        self._runner: BatchRunner | None = None
-        self._fixed: FixedBuffers | None = None
-        self._fixed_ready = False
         self._posted: collections.deque[Callable[[], None]] = collections.deque()
         self._finished: list[Finished] = []
         self._tags: dict[int, object] = {}
         self._open_jobs = 0
-        self._next_id = 0
-        self.closed = False
 
     # -- life cycle ----------------------------------------------------------------
     def open(self) -> PollingStore:
@@ -115,15 +100,9 @@ class PollingStore:
             return self
         ns = self._ns.open()
         try:
-            engine = open_engine(ns.engine_for(self.backend_requested), slots=self.queue_depth,
-                                 single_issuer=False)  # fmt: skip
+            engine = open_engine(self._engine_name(), slots=self.queue_depth, single_issuer=False)
             self._driver = driver = Driver(engine)
-            core, self._fixed, self._fixed_ready = start_core(
-                ns, engine, driver,
-                fixed_buffers=self.fixed_buffers, prioritize_loads=self.prioritize_loads,
-            )  # fmt: skip
-            self._runner = BatchRunner(ns, core, self._fixed if self._fixed_ready else None,
-                                       kick=driver.flush, post=self._post)  # fmt: skip
+            self._start(engine, driver, kick=driver.flush, post=self._post)
             ns.make_fanout()
         except BaseException:
             if self._driver is not None:
@@ -153,10 +132,7 @@ class PollingStore:
             runner.core.drop_queued_stores()
             self._drain()
             driver.close()
-            runner.close()
-        if self._fixed is not None:
-            self._fixed.clear()
-        self._ns.close()
+        self._stop()
 
     # -- submitting ------------------------------------------------------------------
     def submit_put(
@@ -295,32 +271,11 @@ class PollingStore:
             raise RuntimeError("PollingStore is not open")
         return driver.engine.fileno()
 
-    # -- registered buffers ----------------------------------------------------------
-    def register(self, buffer: Buffer) -> bool:
-        """As :meth:`kvuring.BlockStore.register` (needs ``fixed_buffers=True``)."""
-        self._runner_for_call()
-        if not self.fixed_buffers:
-            raise RuntimeError("register() needs a store opened with fixed_buffers=True")
-        assert self._fixed is not None
-        return register_buffer(self._fixed, buffer)
-
-    def unregister(self, buffer: Buffer) -> bool:
-        if self._fixed is None:
-            return False
-        return self._fixed.remove(buffer)
-
-    def _runner_for_call(self) -> BatchRunner:
-        if self._runner is None:
-            raise RuntimeError("PollingStore is not open; use 'with' or open()")
-        if self.closed:
-            raise RuntimeError("PollingStore is closed")
-        return self._runner
-
     def stats(self) -> dict[str, Any]:
         """As :meth:`kvuring.BlockStore.stats`."""
         driver = self._driver
         engine = driver.engine.name if driver is not None and not driver.closed else None
-        out = store_stats(self._ns, self._runner, self._fixed, self._fixed_ready, engine)
+        out = self._stats(engine)
         if driver is not None and not driver.closed:
             out["ring"] = {**driver.engine.stats(), **driver.stats()}
         out["pending_batches"] = self._open_jobs

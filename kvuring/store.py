@@ -37,82 +37,18 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvuring import _blocks as core_api
-from kvuring._blocks import BlockCore
-from kvuring._format import check_namespace
-from kvuring._namespace import FANOUT, Namespace
-from kvuring._regions import FixedBuffers, aligned_buffer
-from kvuring._runner import HASH_OFFLOAD_MIN, BatchRunner, Job, start_core
+from kvuring._frontend import StoreFrontEnd
+from kvuring._namespace import FANOUT
+from kvuring._regions import aligned_buffer
+from kvuring._runner import HASH_OFFLOAD_MIN, Job
 from kvuring._types import Buffer
 from kvuring.aio import AsyncRing
-from kvuring.engine import resolve_backend
 from kvuring.status import Status
 
 __all__ = ["HASH_OFFLOAD_MIN", "BlockStore", "Status", "aligned_buffer"]
 
-MAX_BLOCK_SIZE = 1 << 30
-# Every in-flight chain may post up to 8 CQEs and the kernel caps the CQ at
-# 64 Ki entries.
-MAX_QUEUE_DEPTH = 8192
 
-
-def check_options(block_size: object, direct: object, queue_depth: object) -> None:
-    """The checks of BlockStore's and PollingStore's common arguments."""
-    if not isinstance(block_size, int) or isinstance(block_size, bool):
-        raise TypeError(f"block_size must be int, not {type(block_size).__name__}")
-    if not 0 < block_size <= MAX_BLOCK_SIZE:
-        raise ValueError(f"block_size must be between 1 and {MAX_BLOCK_SIZE}, got {block_size}")
-    if not (isinstance(direct, bool) or direct == "auto"):
-        raise ValueError(f"direct must be 'auto', True or False; got {direct!r}")
-    if (
-        not isinstance(queue_depth, int)
-        or isinstance(queue_depth, bool)
-        or not 1 <= queue_depth <= MAX_QUEUE_DEPTH
-    ):
-        raise ValueError(
-            f"queue_depth must be between 1 and {MAX_QUEUE_DEPTH}, got {queue_depth!r}"
-        )
-
-
-def store_stats(
-    ns: Namespace,
-    runner: BatchRunner | None,
-    fixed: FixedBuffers | None,
-    fixed_ready: bool,
-    engine: str | None,
-) -> dict[str, Any]:
-    """stats() of either front end: counters, then configuration."""
-    out: dict[str, Any] = dict.fromkeys(
-        ("puts", "gets", "contains", "deletes", "stored", "exists", "hits", "misses",
-         "corrupt", "failures", "deleted", "bytes_written", "bytes_read", "bounced",
-         "fixed_transfers", "offloaded_checksums", "stores_held_for_loads", "retries"),
-        0,
-    )  # fmt: skip
-    core: BlockCore | None = None
-    if runner is not None:
-        out.update(runner.stats())
-        core = runner.core
-    out.update(
-        dead_writers_cleaned=ns.dead_writers_cleaned,
-        engine=engine,
-        direct_io=ns.direct.enabled,
-        direct_io_alignment=ns.direct.mem_align if ns.direct.enabled else None,
-        verify=ns.verify,
-        block_size=ns.block_size,
-        namespace=ns.namespace,
-        rename_noreplace=core.noreplace if core is not None else True,
-        filesystem=ns.filesystem,
-        load_io_priority="realtime"
-        if (core.load_ioprio if core is not None else ns.load_ioprio)
-        else "default",
-        spread_reads=ns.spread_reads,
-        fixed_buffers_active=fixed_ready,
-    )
-    if fixed is not None:
-        out.update(fixed.stats())
-    return out
-
-
-class BlockStore:
+class BlockStore(StoreFrontEnd):
     """A directory of KV-cache blocks, one file per block, keyed by block hash.
 
     Open it with ``async with BlockStore(root, block_size) as store`` (or
@@ -120,6 +56,8 @@ class BlockStore:
     loop, asyncio or uvloop.  See docs/ for keys, the on-disk format, direct
     I/O, and errors and statuses.
     """
+
+    _how_to_open = "'async with' or await open()"
 
     def __init__(
         self,
@@ -134,30 +72,10 @@ class BlockStore:
         prioritize_loads: bool = True,
         fixed_buffers: bool = False,
     ) -> None:
-        check_options(block_size, direct, queue_depth)
-        self.root = os.path.abspath(os.fspath(root))
-        self.block_size = block_size
-        self.namespace = check_namespace(namespace)
-        # KVURING_BACKEND steers the default "auto"; an explicit engine wins.
-        self.backend_requested = resolve_backend(None if backend == "auto" else backend)
-        self.direct_requested = direct
-        self.verify = bool(verify)
-        self.prioritize_loads = bool(prioritize_loads)
-        self.fixed_buffers = bool(fixed_buffers)
-        self.queue_depth = queue_depth
-        self._ns = Namespace(self.root, self.namespace, block_size, verify=self.verify,
-                             direct=direct, prioritize_loads=self.prioritize_loads,
-                             queue_depth=queue_depth)  # fmt: skip
+        super().__init__(root, block_size, namespace=namespace, backend=backend, direct=direct,
+                         verify=verify, queue_depth=queue_depth,
+                         prioritize_loads=prioritize_loads, fixed_buffers=fixed_buffers)  # fmt: skip
         self._ring: AsyncRing | None = None
-        self._runner: BatchRunner | None = None
-        self._fixed: FixedBuffers | None = None
-        self._fixed_ready = False
-        self.closed = False
-
-    @property
-    def direct_io(self) -> bool:
-        """Whether blocks move with O_DIRECT (known once open)."""
-        return self._ns.direct.enabled
 
     # -- life cycle ----------------------------------------------------------------
     async def open(self) -> BlockStore:
@@ -169,19 +87,15 @@ class BlockStore:
         ns = self._ns.open()
         try:
             self._ring = await AsyncRing(
-                backend=ns.engine_for(self.backend_requested), queue_depth=self.queue_depth
+                backend=self._engine_name(), queue_depth=self.queue_depth
             ).open()
             loop = asyncio.get_running_loop()
 
             def post(fn: Callable[[], None]) -> None:
                 loop.call_soon_threadsafe(fn)
 
-            core, self._fixed, self._fixed_ready = start_core(
-                ns, self._ring.engine, self._ring.driver,
-                fixed_buffers=self.fixed_buffers, prioritize_loads=self.prioritize_loads,
-            )  # fmt: skip
-            self._runner = BatchRunner(ns, core, self._fixed if self._fixed_ready else None,
-                                       kick=self._ring.schedule_flush, post=post)  # fmt: skip
+            self._start(self._ring.engine, self._ring.driver, kick=self._ring.schedule_flush,
+                        post=post)  # fmt: skip
             if ns.fanout_needed():
                 await self._make_fanout()
         except BaseException:
@@ -225,44 +139,9 @@ class BlockStore:
             runner.core.flush()  # reports the batches that ended
         if self._ring is not None:
             await self._ring.close()
-        if self._fixed is not None:
-            self._fixed.clear()
-        if runner is not None:
-            runner.close()
-        self._ns.close()
-
-    # -- registered buffers ----------------------------------------------------------
-    def register(self, buffer: Buffer) -> bool:
-        """Register ``buffer`` (writable, page-aligned memory) for fixed-buffer transfers.
-
-        Needs ``fixed_buffers=True``.  Blocks whose memory lies inside a registered buffer move with
-        READ_FIXED/WRITE_FIXED: no page pinning per transfer.  The store
-        holds the buffer (it cannot be closed or resized) until
-        :meth:`unregister` or :meth:`close`.  :func:`aligned_buffer` regions
-        are registered automatically.  Returns False, and logs why once, when
-        the kernel refuses (RLIMIT_MEMLOCK too low, memory it cannot pin);
-        transfers then work as before.
-        """
-        self._runner_for_call()
-        if not self.fixed_buffers:
-            raise RuntimeError("register() needs a store opened with fixed_buffers=True")
-        assert self._fixed is not None
-        return register_buffer(self._fixed, buffer)
-
-    def unregister(self, buffer: Buffer) -> bool:
-        """Stop using ``buffer`` for fixed transfers and let it go; False if it was not registered."""
-        if self._fixed is None:
-            return False
-        return self._fixed.remove(buffer)
+        self._stop()
 
     # -- running a job -----------------------------------------------------------------
-    def _runner_for_call(self) -> BatchRunner:
-        if self._runner is None:
-            raise RuntimeError("BlockStore is not open; use 'async with' or await open()")
-        if self.closed:
-            raise RuntimeError("BlockStore is closed")
-        return self._runner
-
     async def _run(self, start: Callable[[Callable[[Job], None]], Job]) -> Job:
         """Start a job with a done-callback that resolves a future; wait for it."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -360,23 +239,7 @@ class BlockStore:
     def stats(self) -> dict[str, Any]:
         """Counters and configuration: ops, bytes, hits, misses, corrupt, failures, bounced, engine, direct I/O."""
         ring = self._ring
-        out = store_stats(self._ns, self._runner, self._fixed, self._fixed_ready,
-                          ring.backend if ring is not None and not ring.closed else None)  # fmt: skip
+        out = self._stats(ring.backend if ring is not None and not ring.closed else None)
         if ring is not None and ring._driver is not None:
             out["ring"] = ring.stats()
         return out
-
-
-def register_buffer(fixed: FixedBuffers, buffer: Buffer) -> bool:
-    """Check ``buffer`` and register it (both front ends' register())."""
-    try:
-        view = memoryview(buffer)
-    except TypeError:
-        raise TypeError(
-            f"buffer must support the buffer protocol, not {type(buffer).__name__}"
-        ) from None
-    if view.readonly:
-        raise TypeError("register needs a writable buffer (the kernel pins it for reading into)")
-    if not view.c_contiguous:
-        raise ValueError("buffer must be C-contiguous")
-    return fixed.add(buffer)

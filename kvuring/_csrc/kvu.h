@@ -30,6 +30,14 @@
  *   4 len     5 offset     6 user_data  7 arg1  8 arg2  9 arg3
  * arg1..arg3 are per opcode (see kvu_prep_one in ops.c).
  */
+#define KVU_CORE_TAG (1ULL << 62)  /* user_data of the block core's operations */
+
+/*
+ * cdef: begin.  From here to "cdef: end" this header is also the cffi cdef
+ * (build_uring.py reads it), so Python's view of every struct, constant and
+ * function is the compiler's: only integer #defines, enums, structs and
+ * prototypes in between.
+ */
 #define KVU_OP_WORDS 10
 
 /*
@@ -47,7 +55,6 @@
 #define KVU_MAX_KEY 64
 #define KVU_PATH_MAX 160     /* "abc/de/" + 128 hex digits + suffix + NUL */
 #define KVU_TMP_MAX 256      /* path + marker (< 64) + "c<seq>.tmp" */
-#define KVU_CORE_TAG (1ULL << 62)  /* user_data of the block core's operations */
 
 /* A block's outcome (the status array of a batch). */
 enum {
@@ -192,5 +199,7 @@ unsigned kvu_core_active(const struct kvu_core *c);
 const struct kvu_core_stats *kvu_core_stats(const struct kvu_core *c);
 int kvu_core_noreplace(const struct kvu_core *c);
 unsigned kvu_core_load_ioprio(const struct kvu_core *c);
+
+/* cdef: end */
 
 #endif

@@ -1,0 +1,201 @@
+"""What both front ends share: their arguments, the namespace, the core and runner, registered buffers.
+
+:class:`~kvuring.store.BlockStore` (asyncio) and
+:class:`~kvuring.poll.PollingStore` (no event loop) differ only in how they
+wait; everything else about a store is here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from kvuring._blocks import BlockCore
+from kvuring._driver import Driver
+from kvuring._format import check_namespace
+from kvuring._namespace import Namespace
+from kvuring._regions import FixedBuffers
+from kvuring._runner import BatchRunner, Post, start_core
+from kvuring._types import Buffer
+from kvuring.engine import Engine, resolve_backend
+
+MAX_BLOCK_SIZE = 1 << 30
+# Every in-flight chain may post up to 8 CQEs and the kernel caps the CQ at
+# 64 Ki entries.
+MAX_QUEUE_DEPTH = 8192
+
+
+def check_options(block_size: object, direct: object, queue_depth: object) -> None:
+    """The checks of the arguments both front ends take."""
+    if not isinstance(block_size, int) or isinstance(block_size, bool):
+        raise TypeError(f"block_size must be int, not {type(block_size).__name__}")
+    if not 0 < block_size <= MAX_BLOCK_SIZE:
+        raise ValueError(f"block_size must be between 1 and {MAX_BLOCK_SIZE}, got {block_size}")
+    if not (isinstance(direct, bool) or direct == "auto"):
+        raise ValueError(f"direct must be 'auto', True or False; got {direct!r}")
+    if (
+        not isinstance(queue_depth, int)
+        or isinstance(queue_depth, bool)
+        or not 1 <= queue_depth <= MAX_QUEUE_DEPTH
+    ):
+        raise ValueError(
+            f"queue_depth must be between 1 and {MAX_QUEUE_DEPTH}, got {queue_depth!r}"
+        )
+
+
+def store_stats(
+    ns: Namespace,
+    runner: BatchRunner | None,
+    fixed: FixedBuffers | None,
+    fixed_ready: bool,
+    engine: str | None,
+) -> dict[str, Any]:
+    """stats() of either front end: counters, then configuration."""
+    out: dict[str, Any] = dict.fromkeys(
+        ("puts", "gets", "contains", "deletes", "stored", "exists", "hits", "misses",
+         "corrupt", "failures", "deleted", "bytes_written", "bytes_read", "bounced",
+         "fixed_transfers", "offloaded_checksums", "stores_held_for_loads", "retries"),
+        0,
+    )  # fmt: skip
+    core: BlockCore | None = None
+    if runner is not None:
+        out.update(runner.stats())
+        core = runner.core
+    out.update(
+        dead_writers_cleaned=ns.dead_writers_cleaned,
+        engine=engine,
+        direct_io=ns.direct.enabled,
+        direct_io_alignment=ns.direct.mem_align if ns.direct.enabled else None,
+        verify=ns.verify,
+        block_size=ns.block_size,
+        namespace=ns.namespace,
+        rename_noreplace=core.noreplace if core is not None else True,
+        filesystem=ns.filesystem,
+        load_io_priority="realtime"
+        if (core.load_ioprio if core is not None else ns.load_ioprio)
+        else "default",
+        spread_reads=ns.spread_reads,
+        fixed_buffers_active=fixed_ready,
+    )
+    if fixed is not None:
+        out.update(fixed.stats())
+    return out
+
+
+class StoreFrontEnd:
+    """The state and the calls both front ends have; they add how to wait."""
+
+    #: the front end's name in error messages
+    kind = "store"
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        block_size: int,
+        *,
+        namespace: str = "default",
+        backend: str = "auto",
+        direct: bool | str = "auto",
+        verify: bool = True,
+        queue_depth: int = 256,
+        prioritize_loads: bool = True,
+        fixed_buffers: bool = False,
+    ) -> None:
+        check_options(block_size, direct, queue_depth)
+        self.root = os.path.abspath(os.fspath(root))
+        self.block_size = block_size
+        self.namespace = check_namespace(namespace)
+        # KVURING_BACKEND steers the default "auto"; an explicit engine wins.
+        self.backend_requested = resolve_backend(None if backend == "auto" else backend)
+        self.direct_requested = direct
+        self.verify = bool(verify)
+        self.prioritize_loads = bool(prioritize_loads)
+        self.fixed_buffers = bool(fixed_buffers)
+        self.queue_depth = queue_depth
+        self._ns = Namespace(self.root, self.namespace, block_size, verify=self.verify,
+                             direct=direct, prioritize_loads=self.prioritize_loads,
+                             queue_depth=queue_depth)  # fmt: skip
+        self._runner: BatchRunner | None = None
+        self._fixed: FixedBuffers | None = None
+        self._fixed_ready = False
+        self.closed = False
+
+    @property
+    def direct_io(self) -> bool:
+        """Whether blocks move with O_DIRECT (known once open)."""
+        return self._ns.direct.enabled
+
+    def _engine_name(self) -> str:
+        """The engine to open for this namespace (``auto`` is threads on a memory filesystem)."""
+        return self._ns.engine_for(self.backend_requested)
+
+    def _start(
+        self, engine: Engine, driver: Driver, *, kick: Callable[[], None], post: Post
+    ) -> None:
+        """The block core on ``engine`` and the batch runner over it."""
+        core, self._fixed, self._fixed_ready = start_core(
+            self._ns, engine, driver,
+            fixed_buffers=self.fixed_buffers, prioritize_loads=self.prioritize_loads,
+        )  # fmt: skip
+        self._runner = BatchRunner(self._ns, core, self._fixed if self._fixed_ready else None,
+                                   kick=kick, post=post)  # fmt: skip
+
+    def _stop(self) -> None:
+        """After the engine is drained and closed: registrations, hash threads, descriptors."""
+        if self._fixed is not None:
+            self._fixed.clear()
+        if self._runner is not None:
+            self._runner.close()
+        self._ns.close()
+
+    def _runner_for_call(self) -> BatchRunner:
+        if self._runner is None:
+            raise RuntimeError(f"{type(self).__name__} is not open; use {self._how_to_open}")
+        if self.closed:
+            raise RuntimeError(f"{type(self).__name__} is closed")
+        return self._runner
+
+    _how_to_open = "open()"
+
+    # -- registered buffers ----------------------------------------------------------
+    def register(self, buffer: Buffer) -> bool:
+        """Register ``buffer`` (writable, page-aligned memory) for fixed-buffer transfers.
+
+        Needs ``fixed_buffers=True``.  Blocks whose memory lies inside a registered buffer move with
+        READ_FIXED/WRITE_FIXED: no page pinning per transfer.  The store
+        holds the buffer (it cannot be closed or resized) until
+        :meth:`unregister` or close.  :func:`~kvuring.aligned_buffer` regions
+        are registered automatically.  Returns False, and logs why once, when
+        the kernel refuses (RLIMIT_MEMLOCK too low, memory it cannot pin);
+        transfers then work as before.
+        """
+        self._runner_for_call()
+        if not self.fixed_buffers:
+            raise RuntimeError("register() needs a store opened with fixed_buffers=True")
+        assert self._fixed is not None
+        return register_buffer(self._fixed, buffer)
+
+    def unregister(self, buffer: Buffer) -> bool:
+        """Stop using ``buffer`` for fixed transfers and let it go; False if it was not registered."""
+        if self._fixed is None:
+            return False
+        return self._fixed.remove(buffer)
+
+    def _stats(self, engine: str | None) -> dict[str, Any]:
+        return store_stats(self._ns, self._runner, self._fixed, self._fixed_ready, engine)
+
+
+def register_buffer(fixed: FixedBuffers, buffer: Buffer) -> bool:
+    """Check ``buffer`` and register it (both front ends' register())."""
+    try:
+        view = memoryview(buffer)
+    except TypeError:
+        raise TypeError(
+            f"buffer must support the buffer protocol, not {type(buffer).__name__}"
+        ) from None
+    if view.readonly:
+        raise TypeError("register needs a writable buffer (the kernel pins it for reading into)")
+    if not view.c_contiguous:
+        raise ValueError("buffer must be C-contiguous")
+    return fixed.add(buffer)
