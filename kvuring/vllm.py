@@ -143,9 +143,9 @@ class KvuringTier(_SecondaryTierManager):  # type: ignore[misc]
             blocks_per_file=offloading_spec.blocks_per_chunk,
             parallel_agnostic=True,
         )
+        derived = namespace is None
         if namespace is None:
             namespace = f"{os.path.basename(self.file_mapper.base_path)}_r{self.file_mapper.rank}"
-            self._write_run_config()
         self.namespace = namespace
         options: dict[str, Any] = {}
         self.vllm_layout = not verify and _CORE_HAS_VLLM_LAYOUT
@@ -158,10 +158,18 @@ class KvuringTier(_SecondaryTierManager):  # type: ignore[misc]
                 "<h[0:3]>/<h[3:5]>_g<group>/<hash>.bin: vLLM's own tier will not share them "
                 "(see docs/vllm.md)"
             )
-        self._store = PollingStore(
-            root_dir, self._chunk_bytes, namespace=namespace, backend=backend, direct=direct,
-            verify=verify, queue_depth=queue_depth, prioritize_loads=prioritize_loads, **options,
-        )  # fmt: skip
+        try:
+            self._store = PollingStore(
+                root_dir, self._chunk_bytes, namespace=namespace, backend=backend, direct=direct,
+                verify=verify, queue_depth=queue_depth, prioritize_loads=prioritize_loads,
+                **options,
+            )  # fmt: skip
+        except ValueError as exc:
+            if derived and "namespace" in str(exc):
+                raise ValueError(f"{exc}: set the tier's 'namespace' option") from exc
+            raise
+        if derived:
+            self._write_run_config()
         self._store.open()
         self._jobs: dict[int, _Job] = {}  # PollingStore batch id -> job
         self._results: list[Any] = []  # JobResults not yet handed out

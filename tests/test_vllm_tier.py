@@ -426,3 +426,22 @@ def test_built_with_a_backpressure_detector(tmp_path: Path, backend: str) -> Non
         assert t.bp_detector is not None
     finally:
         t.shutdown()
+
+
+def test_namespace_from_vllms_file_mapper_or_given(tmp_path: Path, backend: str) -> None:
+    t = kvuring_tier(tmp_path, backend, spec=spec(model="org/Model-1.5B"))
+    try:
+        assert t.namespace.startswith("org_Model-1.5B_") and t.namespace.endswith("_r0")
+        assert (tmp_path / t.namespace).is_dir()
+        assert (tmp_path / t.namespace.removesuffix("_r0") / "config.json").is_file()
+    finally:
+        t.shutdown()
+    with pytest.raises(ValueError, match="'namespace' option"):
+        kvuring_tier(tmp_path, backend, spec=spec(model="my model"))
+    t = kvuring_tier(tmp_path, backend, spec=spec(model="my model"), namespace="mine")
+    try:
+        t.submit_store(job(1, [key(1)], [0]))
+        assert [r.success for r in drain(t)] == [True]
+        assert [f.relative_to(tmp_path).parts[0] for f in tier_files(tmp_path)] == ["mine"]
+    finally:
+        t.shutdown()
