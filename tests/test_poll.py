@@ -236,3 +236,19 @@ def test_rows_of_one_region(root: Path, backend: str) -> None:
         with pytest.raises(ValueError, match="row_bytes"):
             store.submit_put_rows([keys[0]], memoryview(out), [0], row_bytes=BS - 1)
         assert store.pending == 0
+
+
+def test_auto_picks_threads_on_a_memory_filesystem(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """backend="auto": the thread engine on tmpfs, io_uring (where it works) elsewhere."""
+    from conftest import uring_unavailable
+
+    monkeypatch.delenv("KVURING_BACKEND", raising=False)
+    for where in (root, tmp_path):
+        with PollingStore(where, BS) as store:
+            stats = store.stats()
+        if stats["filesystem"] in ("tmpfs", "ramfs", "hugetlbfs"):
+            assert stats["engine"] == "threads", stats
+        elif uring_unavailable() is None:
+            assert stats["engine"] == "uring", stats
