@@ -13,11 +13,15 @@
 #
 #   KVURING_CI_CACHE   where environments are kept (default /var/cache/kvuring-ci)
 #   PYTHON             the Python to build it with (default python3; 3.10+)
+#   KVURING_VLLM_TORCH torch version (default 2.13.0, CPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VLLM_VERSION=0.33.0
-TORCH_VERSION=2.13.0 # the CPU build (this machine serves it from local disk)
+# The CPU build, which this machine serves from local disk. For the tier
+# benchmark (benchmarks/vllm_tier.py) KVURING_VLLM_TORCH=2.14.1 gives a CUDA
+# build, beside which vLLM's tier loads its C extension.
+TORCH_VERSION=${KVURING_VLLM_TORCH:-2.13.0}
 # Distributions that provide what vLLM's tier modules import; their version
 # bounds are vLLM's own, read from the vLLM wheel's metadata.
 TIER_DEPS=(numpy msgspec psutil pyzmq regex transformers cbor2 aiohttp requests
@@ -113,8 +117,8 @@ else
     build
     say "built $ENV_DIR in $((SECONDS - start)) s ($(du -sh "$ENV_DIR" | cut -f1))"
 fi
-# Old environments (other keys) go, so the cache holds one.
-for old in "$CACHE"/vllm-*; do
+# Old environments (other keys, same torch) go, so the cache holds one per torch.
+for old in "$CACHE"/vllm-*-torch-"$TORCH_VERSION"-*; do
     [ -d "$old" ] && [ "$old" != "$ENV_DIR" ] && rm -rf "$old"
 done
 flock -u 9
