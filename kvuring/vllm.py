@@ -436,6 +436,19 @@ class KvuringTier(_SecondaryTierManager):  # type: ignore[misc]
         self._jobs.clear()
 
     # -- introspection -----------------------------------------------------------------
+    _INFO_KEYS = ("kvuring_engine", "kvuring_verify", "kvuring_direct_io", "kvuring_queue_depth")
+
+    @classmethod
+    def config_info_keys(cls, tier_config: dict[str, Any]) -> tuple[str, ...]:
+        """The labels this tier puts on vLLM's vllm:kv_offload_config_info series."""
+        return cls._INFO_KEYS
+
+    def config_info(self) -> dict[str, str | int | float | bool]:
+        stats = self._store.stats()
+        values = (str(stats["engine"]), self._store.verify, bool(stats["direct_io"]),
+                  self._store.queue_depth)  # fmt: skip
+        return dict(zip(self._INFO_KEYS, values))
+
     def stats(self) -> dict[str, Any]:
         """The store's :meth:`~kvuring.PollingStore.stats`, plus the tier's own counts."""
         out = self._store.stats()

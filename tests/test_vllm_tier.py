@@ -397,6 +397,9 @@ def test_built_by_vllms_tier_factory(tmp_path: Path, backend: str) -> None:
         assert t.tier_type == "KvuringTier" and t.locality is Locality.LOCAL
         assert t.cache_hit_source is CacheHitSource.DISK
         assert t.block_size_bytes == 16384
+        info = t.config_info()
+        assert set(info) == set(KvuringTier.config_info_keys(config))
+        assert info["kvuring_engine"] == backend and info["kvuring_queue_depth"] == 64
         stats = t.stats()
         assert stats["engine"] == backend and stats["verify"] is True
         p.fill(12)
