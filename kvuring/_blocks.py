@@ -28,6 +28,8 @@ STORE: int = lib.KVU_STORE
 STAT: int = lib.KVU_STAT
 DELETE: int = lib.KVU_DELETE
 
+LAYOUT_OF: dict[str, int] = {"kvuring": lib.KVU_LAYOUT_KVURING, "vllm": lib.KVU_LAYOUT_VLLM}
+
 STORED: int = lib.KVU_STORED
 EXISTS: int = lib.KVU_EXISTS
 HIT: int = lib.KVU_HIT
@@ -156,6 +158,7 @@ class BlockCore:
         trailer_index: int,
         suffix: bytes,
         marker: bytes,
+        layout: int = 0,
     ) -> None:
         if len(marker) >= 64 or len(suffix) >= 8:
             raise ValueError("temp-file marker or suffix too long")
@@ -177,6 +180,7 @@ class BlockCore:
         cfg.trailer_index = trailer_index
         cfg.noreplace = 1
         cfg.suffix = suffix
+        cfg.layout = layout
         cfg.marker = marker
         self.engine = engine
         self._c = lib.kvu_core_new(cfg, engine.c_engine)

@@ -67,6 +67,32 @@ def block_relpath(kb: bytes, suffix: bytes) -> tuple[bytes, bytes]:
     return leaf, leaf + b"/" + hexed + suffix
 
 
+#: where block files go: kvuring's own names, or vLLM's FileMapper names
+LAYOUTS = ("kvuring", "vllm")
+VLLM_GROUP_BYTES = 4
+
+
+def vllm_relpath(kb: bytes) -> tuple[bytes, bytes]:
+    """vLLM's layout: the key is hash + 4-byte big-endian group; ``abc/de_g<G>``, ``abc/de_g<G>/<hash hex>.bin``."""
+    hexed = kb[:-VLLM_GROUP_BYTES].hex().encode()
+    group = int.from_bytes(kb[-VLLM_GROUP_BYTES:], "big")
+    fan = hexed.ljust(5, b"0")
+    leaf = fan[0:3] + b"/" + fan[3:5] + b"_g%d" % group
+    return leaf, leaf + b"/" + hexed + RAW_SUFFIX.encode()
+
+
+def check_layout(layout: object, verify: bool) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}; got {layout!r}")
+    if layout == "vllm" and verify:
+        raise ValueError(
+            "layout='vllm' names raw files as vLLM's tier does; it needs verify=False "
+            "(kvuring's checksummed .kvb files keep kvuring's layout)"
+        )
+    assert isinstance(layout, str)
+    return layout
+
+
 def check_namespace(namespace: object) -> str:
     if not isinstance(namespace, str):
         raise TypeError(f"namespace must be str, not {type(namespace).__name__}")

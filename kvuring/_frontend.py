@@ -13,7 +13,7 @@ from typing import Any
 
 from kvuring._blocks import BlockCore
 from kvuring._driver import Driver
-from kvuring._format import check_namespace
+from kvuring._format import check_layout, check_namespace
 from kvuring._namespace import Namespace
 from kvuring._regions import FixedBuffers
 from kvuring._runner import BatchRunner, Post, start_core
@@ -101,8 +101,10 @@ class StoreFrontEnd:
         queue_depth: int = 256,
         prioritize_loads: bool = True,
         fixed_buffers: bool = False,
+        layout: str = "kvuring",
     ) -> None:
         check_options(block_size, direct, queue_depth)
+        self.layout = check_layout(layout, bool(verify))
         self.root = os.path.abspath(os.fspath(root))
         self.block_size = block_size
         self.namespace = check_namespace(namespace)
@@ -115,7 +117,7 @@ class StoreFrontEnd:
         self.queue_depth = queue_depth
         self._ns = Namespace(self.root, self.namespace, block_size, verify=self.verify,
                              direct=direct, prioritize_loads=self.prioritize_loads,
-                             queue_depth=queue_depth)  # fmt: skip
+                             queue_depth=queue_depth, layout=self.layout)  # fmt: skip
         self._runner: BatchRunner | None = None
         self._fixed: FixedBuffers | None = None
         self._fixed_ready = False

@@ -149,8 +149,10 @@ class Namespace:
         direct: bool | str,
         prioritize_loads: bool,
         queue_depth: int,
+        layout: str = "kvuring",
     ) -> None:
         self.root = root
+        self.layout = layout
         self.namespace = namespace
         self.path = os.path.join(root, namespace)
         self.block_size = block_size

@@ -27,7 +27,15 @@ from kvuring import _binding as b
 from kvuring import _blocks as core_api
 from kvuring._blocks import BlockCore, CoreBatch
 from kvuring._driver import Driver
-from kvuring._format import MAX_KEY_BYTES, RAW_SUFFIX, VERIFIED_SUFFIX, block_relpath, key_bytes
+from kvuring._format import (
+    MAX_KEY_BYTES,
+    RAW_SUFFIX,
+    VERIFIED_SUFFIX,
+    VLLM_GROUP_BYTES,
+    block_relpath,
+    key_bytes,
+    vllm_relpath,
+)
 from kvuring._gate import STORES_DURING_LOADS
 from kvuring._namespace import Namespace
 from kvuring._regions import AlignedBuffer, FixedBuffers
@@ -111,6 +119,7 @@ def start_core(
         trailer_index=trailer_index,
         suffix=(VERIFIED_SUFFIX if ns.verify else RAW_SUFFIX).encode(),
         marker=tmp_suffix(ns.writer.token),
+        layout=core_api.LAYOUT_OF[ns.layout],
     )
     driver.attach_core(core)
     if fixed is not None and ready:
@@ -176,9 +185,15 @@ class BatchRunner:
     def key_list(self, keys: Sequence[object]) -> list[bytes]:
         if isinstance(keys, (bytes, str, int)):
             raise TypeError("keys must be a sequence of keys, not a single key")
-        return [
+        kbs = [
             k if type(k) is bytes and 0 < len(k) <= MAX_KEY_BYTES else key_bytes(k) for k in keys
         ]
+        if self.ns.layout == "vllm" and kbs and min(map(len, kbs)) <= VLLM_GROUP_BYTES:
+            raise ValueError(
+                "layout='vllm' keys are a block hash followed by a 4-byte group index: "
+                f"at least {VLLM_GROUP_BYTES + 1} bytes, got {min(map(len, kbs))}"
+            )
+        return kbs
 
     def _check_views(self, bufs: Sequence[object], *, writable: bool) -> None:
         """Raise the precise error for the first unfit buffer (the slow path of _pins)."""
@@ -491,7 +506,8 @@ class BatchRunner:
             log.warning("kvuring: %s rejects RENAME_NOREPLACE; using plain rename", self.ns.path)
 
     def block_path(self, kb: bytes) -> str:
-        return os.path.join(self.ns.path, os.fsdecode(block_relpath(kb, self.suffix)[1]))
+        rel = vllm_relpath(kb) if self.ns.layout == "vllm" else block_relpath(kb, self.suffix)
+        return os.path.join(self.ns.path, os.fsdecode(rel[1]))
 
     def error(self, kb: bytes, code: int) -> OSError:
         return OSError(code, os.strerror(code), self.block_path(kb))

@@ -30,7 +30,8 @@ REGISTRY_DIR = ".tmp"
 # A lock file still under its staging name is left alone this long: its
 # writer may be between creating and locking it.
 STAGING_GRACE_S = 60.0
-_LEAF_RE = re.compile(rb"[0-9a-f]{3}/[0-9a-f]{2}")
+# kvuring's leaves, and those of vLLM's layout (layout="vllm": "abc/de_g<group>")
+_LEAF_RE = re.compile(rb"[0-9a-f]{3}/[0-9a-f]{2}(_g[0-9]{1,10})?")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 

@@ -81,10 +81,12 @@ class PollingStore(StoreFrontEnd):
         queue_depth: int = 256,
         prioritize_loads: bool = True,
         fixed_buffers: bool = False,
+        layout: str = "kvuring",
     ) -> None:
         super().__init__(root, block_size, namespace=namespace, backend=backend, direct=direct,
                          verify=verify, queue_depth=queue_depth,
-                         prioritize_loads=prioritize_loads, fixed_buffers=fixed_buffers)  # fmt: skip
+                         prioritize_loads=prioritize_loads, fixed_buffers=fixed_buffers,
+                         layout=layout)  # fmt: skip
         self._driver: Driver | None = None
         self._posted: collections.deque[Callable[[], None]] = collections.deque()
         self._finished: list[Finished] = []

@@ -43,6 +43,11 @@
 /* life cycle                                                               */
 /* ------------------------------------------------------------------------ */
 
+static size_t leaf_bitmap_bytes(const struct kvu_core_config *cfg)
+{
+    return (size_t)LEAVES / 8 * (cfg->layout == KVU_LAYOUT_VLLM ? VLLM_GROUPS : 1);
+}
+
 struct kvu_core *kvu_core_new(const struct kvu_core_config *cfg, struct kvu_engine *engine)
 {
     struct kvu_core *c = calloc(1, sizeof *c);
@@ -63,8 +68,8 @@ struct kvu_core *kvu_core_new(const struct kvu_core_config *cfg, struct kvu_engi
     c->how_create.resolve = resolve;
     c->blocks = calloc(cfg->slots, sizeof *c->blocks);
     c->free_slots = malloc(cfg->slots * sizeof *c->free_slots);
-    c->leaf_ready = calloc(LEAVES / 8, 1);
-    c->leaf_noted = calloc(LEAVES / 8, 1);
+    c->leaf_ready = calloc(leaf_bitmap_bytes(cfg), 1);
+    c->leaf_noted = calloc(leaf_bitmap_bytes(cfg), 1);
     c->rcap = 1024;
     c->rud = malloc(c->rcap * sizeof *c->rud);
     c->rres = malloc(c->rcap * sizeof *c->rres);
@@ -348,32 +353,43 @@ static void dequeue(struct queue *q, struct kvu_batch *b)
     b->qnext = NULL;
 }
 
-static unsigned leaf_index_of(const uint8_t *key, unsigned klen)
+/* The leaf's bit in the bitmaps: its first 5 hex digits (and, in vLLM's
+ * layout, its group), or NO_LEAF_INDEX for a leaf they do not track. */
+static unsigned leaf_index_of(const struct kvu_core *c, const uint8_t *key, unsigned klen)
 {
-    unsigned i, v = 0;
+    unsigned i, v = 0, hlen = klen;
+    uint32_t group = 0;
+    if (c->cfg.layout == KVU_LAYOUT_VLLM) {
+        hlen = klen - 4;
+        group = (uint32_t)key[hlen] << 24 | (uint32_t)key[hlen + 1] << 16 |
+                (uint32_t)key[hlen + 2] << 8 | key[hlen + 3];
+        if (group >= VLLM_GROUPS)
+            return NO_LEAF_INDEX;
+    }
     for (i = 0; i < 5; i++) {
-        unsigned nib = i / 2 < klen ? (i % 2 ? key[i / 2] & 15 : key[i / 2] >> 4) : 0;
+        unsigned nib = i / 2 < hlen ? (i % 2 ? key[i / 2] & 15 : key[i / 2] >> 4) : 0;
         v = v << 4 | nib;
     }
-    return v;
+    return group * LEAVES + v;
 }
 
 /* Append "<leaf>\n" to this writer's registry before the first temp file
  * goes there, so the next open can clean up after a dead writer. */
 static int note_leaf(struct kvu_core *c, struct block *b)
 {
-    char line[8];
+    char line[KVU_LEAF_MAX + 1];
+    size_t n = strlen(b->leaf);
     ssize_t r;
-    if (c->cfg.reg_fd < 0 || bit_get(c->leaf_noted, b->leaf_index))
+    if (c->cfg.reg_fd < 0 || leaf_known(c->leaf_noted, b->leaf_index))
         return 0;
-    memcpy(line, b->leaf, 6);
-    line[6] = '\n';
+    memcpy(line, b->leaf, n);
+    line[n++] = '\n';
     do
-        r = write(c->cfg.reg_fd, line, 7);
+        r = write(c->cfg.reg_fd, line, n);
     while (r < 0 && errno == EINTR);
-    if (r != 7)
+    if (r != (ssize_t)n)
         return r < 0 ? -errno : -EIO;
-    bit_set(c->leaf_noted, b->leaf_index);
+    leaf_mark(c->leaf_noted, b->leaf_index);
     return 0;
 }
 
@@ -392,8 +408,19 @@ static void start_block(struct kvu_core *c, struct kvu_batch *batch)
     b->retries = b->made_dirs = b->exists = b->retry_after_cleanup = 0;
     b->klen = k1 - k0;
     memcpy(b->key, batch->keys + k0, b->klen);
-    b->leaf_index = leaf_index_of(b->key, b->klen);
-    kvu_block_path(b->key, b->klen, c->cfg.suffix, b->leaf, b->path);
+    if (c->cfg.layout == KVU_LAYOUT_VLLM) {
+        if (kvu_block_path_vllm(b->key, b->klen, b->leaf, b->path) < 0) {
+            b->user = b->addr = 0;
+            b->bounce = NULL;
+            if (batch->kind == KVU_STORE)
+                c->stores_running++;
+            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, -EINVAL));
+            return;
+        }
+    } else {
+        kvu_block_path(b->key, b->klen, c->cfg.suffix, b->leaf, b->path);
+    }
+    b->leaf_index = leaf_index_of(c, b->key, b->klen);
     memcpy(b->upper, b->leaf, 3);
     b->upper[3] = 0;
     b->user = b->addr = batch->addrs ? batch->addrs[i] : 0;

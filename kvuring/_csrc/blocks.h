@@ -54,7 +54,7 @@ struct block {
     unsigned leaf_index;
     unsigned klen;
     uint8_t key[KVU_MAX_KEY];
-    char leaf[8];
+    char leaf[KVU_LEAF_MAX];
     char upper[4];
     char path[KVU_PATH_MAX];
     char tmp[KVU_TMP_MAX];
@@ -73,7 +73,7 @@ struct kvu_core {
     struct block *blocks;
     unsigned *free_slots;
     unsigned nfree;
-    uint8_t *leaf_ready;          /* bitmap over the 2^20 leaves: known to exist */
+    uint8_t *leaf_ready;          /* bitmap over the leaves (leaf_index): known to exist */
     uint8_t *leaf_noted;          /* bitmap: in the writer registry */
     struct queue fast;            /* loads, stats, deletes */
     struct queue stores;
@@ -96,7 +96,12 @@ struct kvu_core {
     struct kvu_core_stats st;
 };
 
+/* Leaves the bitmaps tell apart: the 2^20 of kvuring's layout; in vLLM's,
+ * those of groups 0 to 7 (a leaf of a higher group is never taken as
+ * known: one more check in its store chain, one more registry line). */
 #define LEAVES (1u << 20)
+#define VLLM_GROUPS 8
+#define NO_LEAF_INDEX UINT32_MAX
 
 static inline int bit_get(const uint8_t *map, unsigned i) { return map[i >> 3] >> (i & 7) & 1; }
 static inline void bit_set(uint8_t *map, unsigned i) { map[i >> 3] |= (uint8_t)(1u << (i & 7)); }
@@ -109,6 +114,17 @@ static inline unsigned slot_of(const struct kvu_core *c, const struct block *b)
 static inline uint8_t *trailer_of(const struct kvu_core *c, const struct block *b)
 {
     return (uint8_t *)(uintptr_t)c->cfg.trailers + (size_t)(b - c->blocks) * KVU_TRAILER_SIZE;
+}
+
+static inline int leaf_known(const uint8_t *map, unsigned index)
+{
+    return index != NO_LEAF_INDEX && bit_get(map, index);
+}
+
+static inline void leaf_mark(uint8_t *map, unsigned index)
+{
+    if (index != NO_LEAF_INDEX)
+        bit_set(map, index);
 }
 
 static inline uint64_t ptr(const void *p) { return (uint64_t)(uintptr_t)p; }

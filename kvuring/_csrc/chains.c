@@ -108,7 +108,7 @@ static void store_begin(struct kvu_core *c, struct block *b)
     kvu_new_chain(c, b, ST_MAIN);
     b->first = 0;
     b->dircheck = 0;
-    if (!bit_get(c->leaf_ready, b->leaf_index)) {
+    if (!leaf_known(c->leaf_ready, b->leaf_index)) {
         /* A leaf not known to exist: check its upper directory is a real one
          * beneath the namespace, then make the leaf (EEXIST is fine, the
          * hard link runs on).  The create refuses symlinks on the whole path. */
@@ -368,7 +368,7 @@ static void store_end(struct kvu_core *c, struct block *b)
             kvu_finish(c, b, KVU_FAILED, kvu_fail(c, res[0]));
         return;
     }
-    bit_set(c->leaf_ready, b->leaf_index);
+    leaf_mark(c->leaf_ready, b->leaf_index);
     bad = transfer_failure(b, res + 1);
     if (bad < 0) {
         store_cleanup_or_retry(c, b, bad, 1);

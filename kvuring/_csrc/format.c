@@ -9,6 +9,8 @@
 #define _GNU_SOURCE
 #include "kvu.h"
 
+#include <errno.h>
+#include <stdio.h>
 #include <string.h>
 
 #include <xxhash.h>
@@ -129,6 +131,41 @@ unsigned kvu_block_path(const uint8_t *key, unsigned klen, const char *suffix, c
         path[n++] = suffix[i];
     path[n] = 0;
     return n;
+}
+
+/*
+ * vLLM's FileMapper layout: the key is a block hash followed by its group
+ * index (4 bytes, big-endian); the leaf is "<h[0:3]>/<h[3:5]>_g<group>"
+ * (leaf: KVU_LEAF_MAX bytes) and the file "<leaf>/<h>.bin", h being the
+ * hash alone in hex.  Returns the path's length, or -EINVAL for a key too
+ * short to hold a hash and a group.
+ */
+int kvu_block_path_vllm(const uint8_t *key, unsigned klen, char *leaf, char *path)
+{
+    unsigned hlen, i, n;
+    uint32_t group;
+    if (klen < 5 || klen > KVU_MAX_KEY)
+        return -EINVAL;
+    hlen = klen - 4;
+    group = (uint32_t)key[hlen] << 24 | (uint32_t)key[hlen + 1] << 16 | (uint32_t)key[hlen + 2] << 8 |
+            key[hlen + 3];
+    /* The hash's first 5 hex digits, padded with '0' for a 1- or 2-byte hash. */
+    for (i = 0; i < 5; i++) {
+        unsigned nib = i / 2 < hlen ? (i % 2 ? key[i / 2] & 15 : key[i / 2] >> 4) : 0;
+        path[i] = HEX[nib];
+    }
+    memcpy(leaf, path, 3);
+    leaf[3] = '/';
+    memcpy(leaf + 4, path + 3, 2);
+    n = 6 + (unsigned)snprintf(leaf + 6, KVU_LEAF_MAX - 6, "_g%u", (unsigned)group);
+    memcpy(path, leaf, n);
+    path[n++] = '/';
+    for (i = 0; i < hlen; i++) {
+        path[n++] = HEX[key[i] >> 4];
+        path[n++] = HEX[key[i] & 15];
+    }
+    memcpy(path + n, ".bin", 5);
+    return (int)(n + 4);
 }
 
 /*

@@ -83,6 +83,14 @@ enum {
     KVU_SHORT_READ = 8,
 };
 
+/* Where a block's file goes, relative to the namespace (kvu_block_path). */
+enum {
+    KVU_LAYOUT_KVURING = 0, /* <k[0:3]>/<k[3:5]>/<k><suffix>, k = the key in hex */
+    KVU_LAYOUT_VLLM = 1,    /* <h[0:3]>/<h[3:5]>_g<group>/<h>.bin: vLLM's FileMapper, the key
+                               being hash + 4-byte big-endian group index */
+};
+#define KVU_LEAF_MAX 20     /* "abc/de_g4294967295" + NUL */
+
 /* What a batch does with each block. */
 enum { KVU_LOAD = 1, KVU_STORE = 2, KVU_STAT = 3, KVU_DELETE = 4 };
 
@@ -145,6 +153,7 @@ struct kvu_core_config {
     uint64_t trailers;          /* slots trailer pages (verify), page-aligned, owned by the caller */
     int trailer_index;          /* the registered buffer holding them, or -1 */
     int noreplace;
+    int layout;                 /* KVU_LAYOUT_* */
     char suffix[8];             /* ".kvb" or ".bin" */
     char marker[64];            /* ".<writer token>." */
 };
@@ -177,6 +186,7 @@ void kvu_pack_trailer(uint8_t *page, const uint8_t *key, unsigned klen, uint64_t
 int kvu_check_trailer(const uint8_t *page, const uint8_t *key, unsigned klen, uint64_t plen,
                       uint64_t *psum);
 unsigned kvu_block_path(const uint8_t *key, unsigned klen, const char *suffix, char *leaf, char *path);
+int kvu_block_path_vllm(const uint8_t *key, unsigned klen, char *leaf, char *path);
 void kvu_checksum_many(const uint64_t *addrs, unsigned n, unsigned first, unsigned step, uint64_t len,
                        uint64_t *out);
 unsigned kvu_verify_many(const uint64_t *addrs, unsigned n, unsigned first, unsigned step, uint64_t len,
