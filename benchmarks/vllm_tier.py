@@ -11,7 +11,7 @@ jobs; then lookups of every chunk (32 a step, resolved through
 on_schedule_end).  Every step also runs a fixed piece of pure Python on the
 scheduler thread, timed, to see how much the tier's transfers slow it down.
 
-Reported per tier: chunks/s and GB/s of the store and load phases, the
+Each run is a process of its own.  Reported per tier: chunks/s and GB/s of the store and load phases, the
 whole process's CPU seconds per GB (all threads), the CPU the tier's own
 calls take on the scheduler thread per GB, and the slowdown of the
 scheduler-thread workload during transfers against the same workload with
@@ -27,6 +27,7 @@ import os
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -86,7 +87,7 @@ def _make(which: str, root: Path, primary: Primary) -> Any:
     common = {"offloading_spec": spec(), "primary_kv_view": primary.view, "root_dir": str(root)}
     if which == "vllm":
         return FileSystemTierManager(tier_type="fs", **common)
-    return KvuringTier(tier_type="KvuringTier", **common)
+    return KvuringTier(tier_type="KvuringTier", verify=which != "kvuring-raw", **common)
 
 
 def _phase(tier: Timed, n: int, base: int, load: bool, work_base: float) -> dict[str, float]:
@@ -144,7 +145,7 @@ def run_one(which: str, root: Path, chunk: int, total_bytes: int, base: int) -> 
         store = _phase(tier, n, base, False, work_base)
         load = _phase(tier, n, base, True, work_base)
         look = _lookups(tier, n, base)
-        engine = tier.tier.stats()["engine"] if which == "kvuring" else None
+        engine = tier.tier.stats()["engine"] if which != "vllm" else None
     finally:
         tier.tier.shutdown()
     gb = n * chunk / 1e9
@@ -197,8 +198,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--mib", type=int, default=256, help="MiB per phase and run (default 256)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tiers", default="vllm,kvuring,kvuring-raw",
+                    help="vllm, kvuring (verify=True), kvuring-raw (verify=False)")  # fmt: skip
     ap.add_argument("--json", type=Path, help="write every run's numbers here")
+    ap.add_argument(
+        "--one", help=argparse.SUPPRESS
+    )  # TIER,ROOT,CHUNK,BYTES,BASE: one run, JSON out
     a = ap.parse_args(argv)
+    if a.one:
+        which, root, chunk, nbytes, first = a.one.split(",")
+        print(json.dumps(run_one(which, Path(root), int(chunk), int(nbytes), int(first))))
+        return 0
     dirs = a.dir or [Path("/dev/shm/kvuring-tierbench"), Path("bench-results/tierbench")]
     chunks = a.chunk or [64 << 10, 2 << 20]
     rows: list[dict[str, Any]] = []
@@ -206,14 +216,20 @@ def main(argv: list[str] | None = None) -> int:
     for rnd in range(a.rounds):
         for d in dirs:
             for chunk in chunks:
-                order = ["vllm", "kvuring"] if rnd % 2 == 0 else ["kvuring", "vllm"]
+                tiers = a.tiers.split(",")
+                order = tiers if rnd % 2 == 0 else tiers[::-1]
                 for which in order:
                     base += 1 << 24
                     root = d / f"{which}-{rnd}-{chunk}"
+                    # each run in a process of its own: one tier's leftovers (memory,
+                    # libraries) must not bill the next
+                    one = f"{which},{root},{chunk},{a.mib << 20},{base}"
                     try:
-                        r = run_one(which, root, chunk, a.mib << 20, base)
+                        out = subprocess.run([sys.executable, "-W", "ignore", __file__, "--one", one],
+                                             check=True, capture_output=True, text=True).stdout  # fmt: skip
                     finally:
                         shutil.rmtree(root, ignore_errors=True)
+                    r = json.loads(out.strip().splitlines()[-1])
                     rows.append(r)
                     print(f"round {rnd} {d} {chunk} {which}: stores {r['store_chunks_s']:,.0f}/s "
                           f"loads {r['load_chunks_s']:,.0f}/s", file=sys.stderr, flush=True)  # fmt: skip
