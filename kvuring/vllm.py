@@ -7,7 +7,7 @@ vLLM (0.33 or newer) loads it from a tier config dict, without patching vLLM::
 
 Every other key of the dict is a constructor keyword (``verify``,
 ``direct``, ``queue_depth``, ``backend``, ``namespace``, ``prioritize_loads``,
-``enable_kv_events``, ``locality``).  The tier runs on a
+``enable_kv_events``, ``locality``, ``known_keys``).  The tier runs on a
 :class:`~kvuring.PollingStore`: each ``submit_store``/``submit_load`` is one
 batch submitted at once, ``get_finished_jobs`` polls without blocking, and
 all lookups of a scheduler step become one presence batch at
@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import importlib
-import inspect
 import json
 import logging
 import os
@@ -60,10 +59,6 @@ _Locality: Any = _base.Locality
 _OffloadingEvent: Any = _base.OffloadingEvent
 _RequestOffloadingContext: Any = _base.RequestOffloadingContext
 _FileMapper: Any = _mapper.FileMapper
-
-# A block core that can name files as vLLM's FileMapper does
-# (<h[0:3]>/<h[3:5]>_g<group>/<hash>.bin) takes layout="vllm"; see docs/vllm.md.
-_CORE_HAS_VLLM_LAYOUT = "layout" in inspect.signature(PollingStore.__init__).parameters
 
 _STORED_OK = (Status.STORED, Status.EXISTS)
 
@@ -147,22 +142,14 @@ class KvuringTier(_SecondaryTierManager):  # type: ignore[misc]
         if namespace is None:
             namespace = f"{os.path.basename(self.file_mapper.base_path)}_r{self.file_mapper.rank}"
         self.namespace = namespace
-        options: dict[str, Any] = {}
-        self.vllm_layout = not verify and _CORE_HAS_VLLM_LAYOUT
-        if self.vllm_layout:
-            options["layout"] = "vllm"
-        elif not verify:
-            log.warning(
-                "kvuring.vllm: verify=False writes raw .bin files, but this kvuring's block "
-                "core names them <h[0:3]>/<h[3:5]>/<key hex>.bin, not vLLM's "
-                "<h[0:3]>/<h[3:5]>_g<group>/<hash>.bin: vLLM's own tier will not share them "
-                "(see docs/vllm.md)"
-            )
+        # verify=False: raw files named as vLLM's FileMapper names them
+        # (<h[0:3]>/<h[3:5]>_g<group>/<hash>.bin), so vLLM's own tier shares them.
+        self.layout = "kvuring" if verify else "vllm"
         try:
             self._store = PollingStore(
                 root_dir, self._chunk_bytes, namespace=namespace, backend=backend, direct=direct,
                 verify=verify, queue_depth=queue_depth, prioritize_loads=prioritize_loads,
-                **options,
+                layout=self.layout,
             )  # fmt: skip
         except ValueError as exc:
             if derived and "namespace" in str(exc):

@@ -1,10 +1,8 @@
 """KvuringTier beside vLLM's own FileSystemTierManager, on one root_dir.
 
-verify=False: the same directory, config.json and raw bytes as vLLM's tier,
-so an existing vLLM cache is reused either way.  The file *names* line up
-only once kvuring's block core can name files as vLLM's FileMapper does
-(layout="vllm"); until then those tests are expected failures (strict, so
-they turn into failures the day they pass).  See docs/vllm.md#layouts.
+verify=False: the same directory, config.json, file names and raw bytes
+as vLLM's tier (the store's layout="vllm"), so an existing vLLM cache is
+reused either way.
 
 verify=True: kvuring's checksummed files; a damaged chunk is a failed load
 and then a MISS, never a success.
@@ -32,17 +30,9 @@ from vllm_helpers import (
     tier_files,
 )
 
-from kvuring.vllm import _CORE_HAS_VLLM_LAYOUT, KvuringTier
+from kvuring.vllm import KvuringTier
 
 HIT, MISS = LookupResult.HIT, LookupResult.MISS
-
-needs_vllm_layout = pytest.mark.xfail(
-    not _CORE_HAS_VLLM_LAYOUT,
-    reason="kvuring's block core names raw files <h[0:3]>/<h[3:5]>/<key hex>.bin, vLLM's "
-    "FileMapper <h[0:3]>/<h[3:5]>_g<group>/<hash hex>.bin; needs layout='vllm' in the core "
-    "(docs/vllm.md#layouts)",
-    strict=True,
-)
 
 
 def vllm_tier(root: Path, primary: Primary, the_spec: Any = None) -> Any:
@@ -107,7 +97,6 @@ def test_raw_files_hold_the_same_bytes_as_vllms(tmp_path: Path, backend: str) ->
         theirs.shutdown()
 
 
-@needs_vllm_layout
 def test_file_names_are_vllms(tmp_path: Path, backend: str) -> None:
     p = Primary(4)
     p.fill(22)
@@ -129,7 +118,6 @@ def test_file_names_are_vllms(tmp_path: Path, backend: str) -> None:
         theirs.shutdown()
 
 
-@needs_vllm_layout
 def test_vllm_loads_what_kvuring_stored(pair: tuple[KvuringTier, Any]) -> None:
     ours, theirs = pair
     p, q = _rows(ours), _rows(theirs)
@@ -145,7 +133,6 @@ def test_vllm_loads_what_kvuring_stored(pair: tuple[KvuringTier, Any]) -> None:
     assert [q.row(i) for i in range(10, 15)] == [p.row(i) for i in range(5)]
 
 
-@needs_vllm_layout
 def test_kvuring_loads_what_vllm_stored(pair: tuple[KvuringTier, Any]) -> None:
     ours, theirs = pair
     p, q = _rows(ours), _rows(theirs)
