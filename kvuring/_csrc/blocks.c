@@ -353,52 +353,11 @@ static void dequeue(struct queue *q, struct kvu_batch *b)
     b->qnext = NULL;
 }
 
-/* The leaf's bit in the bitmaps: its first 5 hex digits (and, in vLLM's
- * layout, its group), or NO_LEAF_INDEX for a leaf they do not track. */
-static unsigned leaf_index_of(const struct kvu_core *c, const uint8_t *key, unsigned klen)
-{
-    unsigned i, v = 0, hlen = klen;
-    uint32_t group = 0;
-    if (c->cfg.layout == KVU_LAYOUT_VLLM) {
-        hlen = klen - 4;
-        group = (uint32_t)key[hlen] << 24 | (uint32_t)key[hlen + 1] << 16 |
-                (uint32_t)key[hlen + 2] << 8 | key[hlen + 3];
-        if (group >= VLLM_GROUPS)
-            return NO_LEAF_INDEX;
-    }
-    for (i = 0; i < 5; i++) {
-        unsigned nib = i / 2 < hlen ? (i % 2 ? key[i / 2] & 15 : key[i / 2] >> 4) : 0;
-        v = v << 4 | nib;
-    }
-    return group * LEAVES + v;
-}
-
-/* Append "<leaf>\n" to this writer's registry before the first temp file
- * goes there, so the next open can clean up after a dead writer. */
-static int note_leaf(struct kvu_core *c, struct block *b)
-{
-    char line[KVU_LEAF_MAX + 1];
-    size_t n = strlen(b->leaf);
-    ssize_t r;
-    if (c->cfg.reg_fd < 0 || leaf_known(c->leaf_noted, b->leaf_index))
-        return 0;
-    memcpy(line, b->leaf, n);
-    line[n++] = '\n';
-    do
-        r = write(c->cfg.reg_fd, line, n);
-    while (r < 0 && errno == EINTR);
-    if (r != (ssize_t)n)
-        return r < 0 ? -errno : -EIO;
-    leaf_mark(c->leaf_noted, b->leaf_index);
-    return 0;
-}
-
 static void start_block(struct kvu_core *c, struct kvu_batch *batch)
 {
     unsigned i = batch->next++;
     struct block *b = &c->blocks[c->free_slots[--c->nfree]];
     uint32_t k0 = batch->key_off[i], k1 = batch->key_off[i + 1];
-    uint64_t bs = c->cfg.block_size;
     c->unstarted--;
     c->active++;
     b->batch = batch;
@@ -408,57 +367,10 @@ static void start_block(struct kvu_core *c, struct kvu_batch *batch)
     b->retries = b->made_dirs = b->exists = b->retry_after_cleanup = 0;
     b->klen = k1 - k0;
     memcpy(b->key, batch->keys + k0, b->klen);
-    if (c->cfg.layout == KVU_LAYOUT_VLLM) {
-        if (kvu_block_path_vllm(b->key, b->klen, b->leaf, b->path) < 0) {
-            b->user = b->addr = 0;
-            b->bounce = NULL;
-            if (batch->kind == KVU_STORE)
-                c->stores_running++;
-            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, -EINVAL));
-            return;
-        }
-    } else {
-        kvu_block_path(b->key, b->klen, c->cfg.suffix, b->leaf, b->path);
-    }
-    b->leaf_index = leaf_index_of(c, b->key, b->klen);
-    memcpy(b->upper, b->leaf, 3);
-    b->upper[3] = 0;
-    b->user = b->addr = batch->addrs ? batch->addrs[i] : 0;
-    b->bounce = NULL;
     if (batch->kind == KVU_STORE)
         c->stores_running++;
-    if ((batch->kind == KVU_LOAD || batch->kind == KVU_STORE) && c->cfg.direct &&
-        b->addr % c->cfg.mem_align) {
-        /* O_DIRECT needs aligned memory: go through an aligned copy. */
-        size_t align = c->cfg.mem_align < 4096 ? 4096 : c->cfg.mem_align;
-        b->bounce = aligned_alloc(align, (bs + align - 1) / align * align);
-        if (!b->bounce) {
-            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, -ENOMEM));
-            return;
-        }
-        if (batch->kind == KVU_STORE)
-            memcpy(b->bounce, (const void *)(uintptr_t)b->user, bs);
-        b->addr = ptr(b->bounce);
-        c->st.bounced++;
-        batch->bounced++;
-    }
-    if (batch->kind == KVU_STORE) {
-        int r = note_leaf(c, b);
-        if (r < 0) {
-            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, r));
-            return;
-        }
-        r = snprintf(b->tmp, sizeof b->tmp, "%s%sc%llu.tmp", b->path, c->cfg.marker,
-                     (unsigned long long)++c->tmp_seq);
-        if (r < 0 || (size_t)r >= sizeof b->tmp) {
-            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, -ENAMETOOLONG));
-            return;
-        }
-        b->psum = !c->cfg.verify || sealed_by_worker(c, batch) ? 0
-                  : batch->psums ? batch->psums[i]
-                                 : kvu_checksum((const void *)(uintptr_t)b->addr, bs);
-    }
-    kvu_begin(c, b);
+    if (kvu_prepare(c, b) == 0)
+        kvu_begin(c, b);
 }
 
 static void fill(struct kvu_core *c)

@@ -147,6 +147,7 @@ KVU_HIDDEN int32_t kvu_fail(struct kvu_core *c, int32_t res);
 KVU_HIDDEN int kvu_retry(struct kvu_core *c, struct block *b, int32_t res);
 
 /* chains.c */
+KVU_HIDDEN int kvu_prepare(struct kvu_core *c, struct block *b);
 KVU_HIDDEN void kvu_begin(struct kvu_core *c, struct block *b);
 KVU_HIDDEN void kvu_end_chain(struct kvu_core *c, struct block *b);
 

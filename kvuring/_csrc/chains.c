@@ -1,6 +1,7 @@
 /*
- * chains.c: what each kind of block submits (its first chain and its
- * follow-ups) and what its completions mean.  blocks.c calls kvu_begin when
+ * chains.c: what a block needs before its first chain (kvu_prepare), what
+ * each kind of block submits (its first chain and its follow-ups) and what
+ * its completions mean.  blocks.c calls kvu_begin when
  * a block takes a slot and kvu_end_chain when one of its chains is over;
  * these write the next chain with kvu_push or end the block with kvu_finish.
  */
@@ -9,8 +10,11 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 /* The registered buffer holding [addr, addr + len), or -1. */
 static int fixed_index(const struct kvu_core *c, uint64_t addr, uint64_t len)
@@ -155,6 +159,106 @@ static void delete_begin(struct kvu_core *c, struct block *b)
          R_NEGATIVE);
     kvu_push(c, b, IORING_OP_UNLINKAT, H_, c->cfg.ns_fd, ptr(b->path), 0, 0, 0, 0, 0, R_CANCELLED);
     kvu_push(c, b, IORING_OP_CLOSE, 0, 0, 0, 0, 0, 0, 0, slot + 1, R_NEGATIVE);
+}
+
+/* The leaf's bit in the bitmaps: its first 5 hex digits (and, in vLLM's
+ * layout, its group), or NO_LEAF_INDEX for a leaf they do not track. */
+static unsigned leaf_index_of(const struct kvu_core *c, const uint8_t *key, unsigned klen)
+{
+    unsigned i, v = 0, hlen = klen;
+    uint32_t group = 0;
+    if (c->cfg.layout == KVU_LAYOUT_VLLM) {
+        hlen = klen - 4;
+        group = (uint32_t)key[hlen] << 24 | (uint32_t)key[hlen + 1] << 16 |
+                (uint32_t)key[hlen + 2] << 8 | key[hlen + 3];
+        if (group >= VLLM_GROUPS)
+            return NO_LEAF_INDEX;
+    }
+    for (i = 0; i < 5; i++) {
+        unsigned nib = i / 2 < hlen ? (i % 2 ? key[i / 2] & 15 : key[i / 2] >> 4) : 0;
+        v = v << 4 | nib;
+    }
+    return group * LEAVES + v;
+}
+
+/* Append "<leaf>\n" to this writer's registry before the first temp file
+ * goes there, so the next open can clean up after a dead writer. */
+static int note_leaf(struct kvu_core *c, struct block *b)
+{
+    char line[KVU_LEAF_MAX + 1];
+    size_t n = strlen(b->leaf);
+    ssize_t r;
+    if (c->cfg.reg_fd < 0 || leaf_known(c->leaf_noted, b->leaf_index))
+        return 0;
+    memcpy(line, b->leaf, n);
+    line[n++] = '\n';
+    do
+        r = write(c->cfg.reg_fd, line, n);
+    while (r < 0 && errno == EINTR);
+    if (r != (ssize_t)n)
+        return r < 0 ? -errno : -EIO;
+    leaf_mark(c->leaf_noted, b->leaf_index);
+    return 0;
+}
+
+/*
+ * What a block needs before its first chain: its path and leaf (by the
+ * namespace's layout), its place in the leaf bitmaps, an aligned copy of an
+ * unaligned buffer, and for a store its registry line, temp-file name and
+ * payload checksum.  0, or -1 when the block already ended FAILED.
+ */
+int kvu_prepare(struct kvu_core *c, struct block *b)
+{
+    struct kvu_batch *batch = b->batch;
+    unsigned i = b->index;
+    uint64_t bs = c->cfg.block_size;
+    if (c->cfg.layout == KVU_LAYOUT_VLLM) {
+        if (kvu_block_path_vllm(b->key, b->klen, b->leaf, b->path) < 0) {
+            b->user = b->addr = 0;
+            b->bounce = NULL;
+            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, -EINVAL));
+            return -1;
+        }
+    } else {
+        kvu_block_path(b->key, b->klen, c->cfg.suffix, b->leaf, b->path);
+    }
+    b->leaf_index = leaf_index_of(c, b->key, b->klen);
+    memcpy(b->upper, b->leaf, 3);
+    b->upper[3] = 0;
+    b->user = b->addr = batch->addrs ? batch->addrs[i] : 0;
+    b->bounce = NULL;
+    if ((batch->kind == KVU_LOAD || batch->kind == KVU_STORE) && c->cfg.direct &&
+        b->addr % c->cfg.mem_align) {
+        /* O_DIRECT needs aligned memory: go through an aligned copy. */
+        size_t align = c->cfg.mem_align < 4096 ? 4096 : c->cfg.mem_align;
+        b->bounce = aligned_alloc(align, (bs + align - 1) / align * align);
+        if (!b->bounce) {
+            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, -ENOMEM));
+            return -1;
+        }
+        if (batch->kind == KVU_STORE)
+            memcpy(b->bounce, (const void *)(uintptr_t)b->user, bs);
+        b->addr = ptr(b->bounce);
+        c->st.bounced++;
+        batch->bounced++;
+    }
+    if (batch->kind == KVU_STORE) {
+        int r = note_leaf(c, b);
+        if (r < 0) {
+            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, r));
+            return -1;
+        }
+        r = snprintf(b->tmp, sizeof b->tmp, "%s%sc%llu.tmp", b->path, c->cfg.marker,
+                     (unsigned long long)++c->tmp_seq);
+        if (r < 0 || (size_t)r >= sizeof b->tmp) {
+            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, -ENAMETOOLONG));
+            return -1;
+        }
+        b->psum = !c->cfg.verify || sealed_by_worker(c, batch) ? 0
+                  : batch->psums ? batch->psums[i]
+                                 : kvu_checksum((const void *)(uintptr_t)b->addr, bs);
+    }
+    return 0;
 }
 
 void kvu_begin(struct kvu_core *c, struct block *b)
