@@ -122,6 +122,10 @@ class StoreFrontEnd:
         self._fixed: FixedBuffers | None = None
         self._fixed_ready = False
         self.closed = False
+        self._init_front_end()
+
+    def _init_front_end(self) -> None:
+        """The front end's own state (how it waits), set at construction."""
 
     @property
     def direct_io(self) -> bool:

@@ -69,24 +69,7 @@ class PollingStore(StoreFrontEnd):
 
     _how_to_open = "'with' or open()"
 
-    def __init__(
-        self,
-        root: str | os.PathLike[str],
-        block_size: int,
-        *,
-        namespace: str = "default",
-        backend: str = "auto",
-        direct: bool | str = "auto",
-        verify: bool = True,
-        queue_depth: int = 256,
-        prioritize_loads: bool = True,
-        fixed_buffers: bool = False,
-        layout: str = "kvuring",
-    ) -> None:
-        super().__init__(root, block_size, namespace=namespace, backend=backend, direct=direct,
-                         verify=verify, queue_depth=queue_depth,
-                         prioritize_loads=prioritize_loads, fixed_buffers=fixed_buffers,
-                         layout=layout)  # fmt: skip
+    def _init_front_end(self) -> None:
         self._driver: Driver | None = None
         self._posted: collections.deque[Callable[[], None]] = collections.deque()
         self._finished: list[Finished] = []
