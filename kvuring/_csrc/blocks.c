@@ -28,6 +28,16 @@
  * a failed or short write; a cleanup chain then closes the slot and
  * unlinks the temp file.  With CQE_SKIP_SUCCESS a chain that went well
  * posts one completion (its last step).
+ *
+ * Deadlines (cfg.timeout_ns): a block that has not ended that long after
+ * it started ends FAILED (ETIMEDOUT) for its caller at once, but is *lent*:
+ * it keeps its slot -- its descriptor, its trailer page, the buffer the
+ * kernel may still read or write -- until its chain comes back, and then
+ * ends quietly (a store removes its temp file).  Its batch counts it in
+ * `lent` and is reported again (kvu_core_released) once none is left, so
+ * the caller knows when its buffers are its own again.  A store is
+ * published by a chain of its own, written only after the write came back
+ * in time: a lent store never publishes bytes read after its deadline.
  */
 #define _GNU_SOURCE
 #include "blocks.h"
@@ -37,6 +47,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 /* ------------------------------------------------------------------------ */
@@ -99,6 +110,7 @@ void kvu_core_free(struct kvu_core *c)
     free(c->leaf_noted);
     free(c->words);
     free(c->done);
+    free(c->released);
     free(c->rud);
     free(c->rres);
     free(c);
@@ -198,6 +210,46 @@ int kvu_core_set_spans(struct kvu_core *c, const uint64_t *spans, unsigned n)
 /* finishing                                                                */
 /* ------------------------------------------------------------------------ */
 
+static void drop_unstarted(struct kvu_core *c, struct kvu_batch *b, int32_t err);
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* The deadline list holds every block in flight for its caller, oldest
+ * first: all share one timeout, so start order is deadline order. */
+static void deadline_add(struct kvu_core *c, struct block *b, int64_t now)
+{
+    unsigned self = (unsigned)(b - c->blocks) + 1;
+    b->deadline = now + (int64_t)c->cfg.timeout_ns;
+    b->dl_next = 0;
+    b->dl_prev = c->dl_tail;
+    if (c->dl_tail)
+        c->blocks[c->dl_tail - 1].dl_next = self;
+    else
+        c->dl_head = self;
+    c->dl_tail = self;
+}
+
+static void deadline_remove(struct kvu_core *c, struct block *b)
+{
+    unsigned self = (unsigned)(b - c->blocks) + 1;
+    if (!b->dl_prev && c->dl_head != self)
+        return; /* not on the list */
+    if (b->dl_prev)
+        c->blocks[b->dl_prev - 1].dl_next = b->dl_next;
+    else
+        c->dl_head = b->dl_next;
+    if (b->dl_next)
+        c->blocks[b->dl_next - 1].dl_prev = b->dl_prev;
+    else
+        c->dl_tail = b->dl_prev;
+    b->dl_prev = b->dl_next = 0;
+}
+
 static void batch_done(struct kvu_core *c, struct kvu_batch *batch)
 {
     if (grow((void **)&c->done, &c->done_cap, c->ndone + 1, sizeof *c->done) < 0)
@@ -238,38 +290,133 @@ void kvu_finish(struct kvu_core *c, struct block *b, int status, int32_t error)
     default:
         break;
     }
-    if (b->bounce) {
-        free(b->bounce);
-        b->bounce = NULL;
-    }
     if (batch->kind == KVU_LOAD)
         c->loads--;
     else if (batch->kind == KVU_STORE)
         c->stores_running--;
-    b->active = 0;
-    b->batch = NULL;
-    c->free_slots[c->nfree++] = (unsigned)(b - c->blocks);
+    deadline_remove(c, b);
     c->active--;
     if (!--batch->pending)
         batch_done(c, batch);
+    kvu_release(c, b);
+}
+
+/* The block gives its slot back (its status is already the caller's). */
+void kvu_release(struct kvu_core *c, struct block *b)
+{
+    if (b->bounce) {
+        free(b->bounce);
+        b->bounce = NULL;
+    }
+    b->active = 0;
+    b->batch = NULL;
+    c->free_slots[c->nfree++] = (unsigned)(b - c->blocks);
 }
 
 int32_t kvu_fail(struct kvu_core *c, int32_t res)
 {
     c->st.failures++;
+    if (-res > 0 && -res < KVU_ERRNOS)
+        c->st.errors[-res]++;
     return -res;
+}
+
+/* Ask the kernel to cancel every step of the block's chain (best effort: a
+ * request blocked inside a filesystem may not stop).  The cancels' own
+ * completions carry KVU_QUIET_TAG and are dropped. */
+static void cancel_chain(struct kvu_core *c, struct block *b)
+{
+    unsigned step;
+    if (!c->eng->ring)
+        return; /* a thread engine's running chain cannot be stopped */
+    for (step = 0; step < b->nsteps; step++) {
+        uint64_t *w;
+        if (grow((void **)&c->words, &c->ops_cap, c->nops + 1, KVU_OP_WORDS * sizeof(uint64_t)) < 0)
+            return;
+        w = c->words + (size_t)c->nops++ * KVU_OP_WORDS;
+        memset(w, 0, KVU_OP_WORDS * sizeof *w);
+        w[0] = IORING_OP_ASYNC_CANCEL;
+        w[3] = KVU_CORE_TAG | (uint64_t)b->gen << 24 | (uint64_t)(b - c->blocks) << 4 | step;
+        w[6] = KVU_CORE_TAG | KVU_QUIET_TAG;
+    }
+}
+
+/*
+ * End a block in flight for its caller now, FAILED with `err`, while the
+ * kernel may still have its chain: it stays in its slot, lent, until that
+ * chain comes back (kvu_end_lent).
+ */
+static void lend(struct kvu_core *c, struct block *b, int32_t err)
+{
+    struct kvu_batch *batch = b->batch;
+    deadline_remove(c, b);
+    cancel_chain(c, b);
+    batch->status[b->index] = KVU_FAILED;
+    batch->error[b->index] = kvu_fail(c, -err);
+    batch->failed++;
+    batch->lent++;
+    if (batch->kind == KVU_LOAD)
+        c->loads--;
+    else if (batch->kind == KVU_STORE)
+        c->stores_running--;
+    b->lent = 1;
+    c->active--;
+    c->lent++;
+    if (!--batch->pending)
+        batch_done(c, batch);
+}
+
+/* A lent block's chain is over for good: give the slot back, and tell the
+ * caller once its batch has no block left in the kernel. */
+void kvu_end_lent(struct kvu_core *c, struct block *b)
+{
+    struct kvu_batch *batch = b->batch;
+    b->lent = 0;
+    c->lent--;
+    if (!--batch->lent && !batch->pending) {
+        if (grow((void **)&c->released, &c->released_cap, c->nreleased + 1, sizeof *c->released) < 0)
+            abort(); /* its owner would hold the buffers forever */
+        c->released[c->nreleased++] = batch->id;
+    }
+    kvu_release(c, b);
+}
+
+/* Deadlines that passed; and, when every slot is held by a lent block
+ * (the filesystem hangs), queued blocks end at once rather than wait for
+ * a slot that may never come back. */
+static void expire(struct kvu_core *c, int64_t now)
+{
+    while (c->dl_head) {
+        struct block *b = &c->blocks[c->dl_head - 1];
+        if (b->deadline > now)
+            break;
+        c->st.timeouts++;
+        lend(c, b, ETIMEDOUT);
+    }
+    if (c->unstarted && !c->nfree && c->lent == c->cfg.slots) {
+        struct kvu_batch *q;
+        while ((q = c->fast.head) || (q = c->stores.head)) {
+            unsigned dropped = q->n - q->next;
+            c->st.timeouts += dropped;
+            c->st.failures += dropped;
+            c->st.errors[ETIMEDOUT] += dropped;
+            drop_unstarted(c, q, ETIMEDOUT);
+        }
+    }
 }
 
 /*
  * Whether to run the block's chain again after a transient result: EAGAIN,
- * EINTR, or ECANCELED, which io_uring gives every request of a thread that
+ * EINTR, ECANCELED, which io_uring gives every request of a thread that
  * exits while they are in flight (the polling front end may be called from
- * threads that come and go); the retry is submitted by a live thread.
+ * threads that come and go; the retry is submitted by a live thread), or
+ * ESTALE, which NFS and FUSE give a load whose file a concurrent store
+ * just replaced (the new name resolves on the next try).
  */
 int kvu_retry(struct kvu_core *c, struct block *b, int32_t res)
 {
-    if ((res != -EAGAIN && res != -EINTR && res != -ECANCELED) || b->batch->cancelled ||
-        b->retries >= MAX_RETRIES)
+    if ((res != -EAGAIN && res != -EINTR && res != -ECANCELED && res != -ESTALE) ||
+        b->batch->cancelled || b->retries >= MAX_RETRIES)
         return 0;
     b->retries++;
     c->st.retries++;
@@ -318,7 +465,11 @@ static void dispatch(struct kvu_core *c, uint64_t ud, int32_t res)
                 b->loud = 1;
         }
     }
-    if (over)
+    if (!over)
+        return;
+    if (b->lent)
+        kvu_end_lent_chain(c, b);
+    else
         kvu_end_chain(c, b);
 }
 
@@ -353,7 +504,7 @@ static void dequeue(struct queue *q, struct kvu_batch *b)
     b->qnext = NULL;
 }
 
-static void start_block(struct kvu_core *c, struct kvu_batch *batch)
+static void start_block(struct kvu_core *c, struct kvu_batch *batch, int64_t now)
 {
     unsigned i = batch->next++;
     struct block *b = &c->blocks[c->free_slots[--c->nfree]];
@@ -364,21 +515,25 @@ static void start_block(struct kvu_core *c, struct kvu_batch *batch)
     b->index = i;
     b->gen = ++c->gen;
     b->active = 1;
-    b->retries = b->made_dirs = b->exists = b->retry_after_cleanup = 0;
+    b->retries = b->made_dirs = b->exists = b->retry_after_cleanup = b->lent = 0;
+    b->fd = -1;
     b->klen = k1 - k0;
     memcpy(b->key, batch->keys + k0, b->klen);
     if (batch->kind == KVU_STORE)
         c->stores_running++;
+    if (c->cfg.timeout_ns)
+        deadline_add(c, b, now);
     if (kvu_prepare(c, b) == 0)
         kvu_begin(c, b);
 }
 
 static void fill(struct kvu_core *c)
 {
+    int64_t now = c->cfg.timeout_ns && c->nfree && c->unstarted ? now_ns() : 0;
     while (c->nfree) {
         struct kvu_batch *batch = c->fast.head;
         if (batch) {
-            start_block(c, batch);
+            start_block(c, batch, now);
             if (batch->next == batch->n)
                 dequeue(&c->fast, batch);
             continue;
@@ -389,7 +544,7 @@ static void fill(struct kvu_core *c)
         /* Loads first: while loads are in flight only a few store chains run. */
         if (c->cfg.store_limit && c->loads && c->stores_running >= c->cfg.store_limit)
             break;
-        start_block(c, batch);
+        start_block(c, batch, now);
         if (batch->next == batch->n)
             dequeue(&c->stores, batch);
     }
@@ -418,19 +573,15 @@ void kvu_core_add(struct kvu_core *c, struct kvu_batch *b)
     }
 }
 
-/* The caller gave up on the batch: blocks not started end FAILED
- * (ECANCELED); blocks in flight finish, without retries. */
-void kvu_core_cancel(struct kvu_core *c, struct kvu_batch *b)
+/* Blocks of the batch not started yet end FAILED with `err`. */
+static void drop_unstarted(struct kvu_core *c, struct kvu_batch *b, int32_t err)
 {
     unsigned i, dropped = b->n - b->next;
-    if (b->cancelled || !b->pending)
-        return;
-    b->cancelled = 1;
     if (b->queued)
         dequeue(b->kind == KVU_STORE ? &c->stores : &c->fast, b);
     for (i = b->next; i < b->n; i++) {
         b->status[i] = KVU_FAILED;
-        b->error[i] = ECANCELED;
+        b->error[i] = err;
     }
     b->next = b->n;
     c->unstarted -= dropped;
@@ -442,6 +593,16 @@ void kvu_core_cancel(struct kvu_core *c, struct kvu_batch *b)
     b->pending -= dropped;
     if (!b->pending)
         batch_done(c, b);
+}
+
+/* The caller gave up on the batch: blocks not started end FAILED
+ * (ECANCELED); blocks in flight finish, without retries. */
+void kvu_core_cancel(struct kvu_core *c, struct kvu_batch *b)
+{
+    if (b->cancelled || !b->pending)
+        return;
+    b->cancelled = 1;
+    drop_unstarted(c, b, ECANCELED);
 }
 
 /* Closing: store blocks still held back end FAILED (ECANCELED) without
@@ -514,7 +675,8 @@ unsigned kvu_core_pump(struct kvu_core *c, uint64_t *ud, int32_t *res, unsigned 
         for (i = 0; i < n; i++) {
             uint64_t u = c->rud[i];
             if ((u & KVU_CORE_TAG) && !(u >> 63)) {
-                dispatch(c, u, c->rres[i]);
+                if (!(u & KVU_QUIET_TAG))
+                    dispatch(c, u, c->rres[i]);
             } else {
                 ud[other] = u;
                 res[other] = c->rres[i];
@@ -528,6 +690,8 @@ unsigned kvu_core_pump(struct kvu_core *c, uint64_t *ud, int32_t *res, unsigned 
         }
     }
     *nother = other;
+    if (c->cfg.timeout_ns && (c->dl_head || c->unstarted))
+        expire(c, now_ns());
     kvu_core_flush(c);
     return c->ndone;
 }
@@ -568,3 +732,50 @@ unsigned kvu_core_load_ioprio(const struct kvu_core *c)
     return c->cfg.load_ioprio;
 }
 
+
+unsigned kvu_core_lent(const struct kvu_core *c)
+{
+    return c->lent;
+}
+
+/* The earliest deadline of a block in flight (CLOCK_MONOTONIC ns), or -1:
+ * the front end wakes the core then, even if no completion comes. */
+int64_t kvu_core_next_deadline(const struct kvu_core *c)
+{
+    if (c->dl_head)
+        return c->blocks[c->dl_head - 1].deadline;
+    if (c->cfg.timeout_ns && c->unstarted && c->lent == c->cfg.slots)
+        return 0; /* queued behind lent blocks only: now */
+    return -1;
+}
+
+/*
+ * Closing with I/O that may never come back: every queued block ends
+ * FAILED with `err`, every block in flight too, lent until its chain
+ * returns.  Returns how many blocks are lent.
+ */
+unsigned kvu_core_abort(struct kvu_core *c, int32_t err)
+{
+    unsigned i;
+    struct kvu_batch *q;
+    while ((q = c->fast.head) || (q = c->stores.head))
+        drop_unstarted(c, q, err);
+    for (i = 0; i < c->cfg.slots; i++) {
+        struct block *b = &c->blocks[i];
+        if (b->active && !b->lent)
+            lend(c, b, err);
+    }
+    return c->lent;
+}
+
+/* Batches whose lent blocks have all come back since the last call. */
+unsigned kvu_core_released(struct kvu_core *c, uint64_t *ids, unsigned max)
+{
+    unsigned n = c->nreleased < max ? c->nreleased : max;
+    if (!n)
+        return 0;
+    memcpy(ids, c->released, n * sizeof *ids);
+    memmove(c->released, c->released + n, (c->nreleased - n) * sizeof *ids);
+    c->nreleased -= n;
+    return n;
+}

@@ -14,7 +14,8 @@
 #include <linux/openat2.h>
 
 #define NONE INT32_MIN /* no completion seen for this step */
-#define MAX_RETRIES 8  /* EAGAIN, EINTR, ECANCELED: runs of a chain, per block */
+#define MAX_RETRIES 8  /* EAGAIN, EINTR, ECANCELED, ESTALE: runs of a chain, per block */
+#define NO_STEP 0xFF   /* a step a chain does not have */
 #define REFILL_EVERY 16 /* completions dispatched between submits, within one pump */
 
 #define S_ IOSQE_CQE_SKIP_SUCCESS
@@ -29,22 +30,32 @@
 #define R_NEGATIVE (-1)
 #define R_CANCELLED (-2) /* statx, mkdirat, unlinkat, renameat: an error is only a result */
 
-enum stage { ST_MAIN, ST_MKDIR, ST_RENAME, ST_CLEANUP, ST_UNLINK };
+/*
+ * ST_MAIN: a block's first chain (for a store: up to closing the temp file),
+ * ST_PUBLISH: a store's close of its installed descriptor and rename,
+ * ST_LENT: the cleanup of a block that already ended for its caller.
+ */
+enum stage { ST_MAIN, ST_MKDIR, ST_RENAME, ST_CLEANUP, ST_UNLINK, ST_PUBLISH, ST_LENT };
 
 struct block {
     struct kvu_batch *batch;
     unsigned index;
     uint32_t gen;
     uint8_t active, stage, nsteps, loud, retries;
-    uint8_t first;               /* store: steps before the create (leaf check, seal) */
-    uint8_t dircheck;            /* store: the chain starts with the leaf check */
+    /* a store's first chain: where its steps are (NO_STEP: absent) */
+    uint8_t st_reg, st_check, st_create, st_install, st_close;
     uint8_t made_dirs, exists, retry_after_cleanup, sent_noreplace;
+    uint8_t lent;                /* ended for its caller; the kernel still has its chain */
+    uint8_t line_len;
     uint8_t ntransfer;           /* transfer steps in the chain: 1, or 2 with registered buffers */
     uint8_t hashed;              /* load: the engine computed `computed` (KVU_OP_CHECKSUM) */
     uint8_t flags[KVU_MAX_CHAIN];
     int32_t rule[KVU_MAX_CHAIN];
     int32_t res[KVU_MAX_CHAIN];
     int32_t error;
+    int32_t fd;                  /* store: the temp file's installed descriptor, or -1 */
+    int64_t deadline;            /* CLOCK_MONOTONIC ns (cfg.timeout_ns) */
+    unsigned dl_prev, dl_next;   /* the deadline list, in start order (slot + 1; 0: none) */
     uint64_t addr;               /* what the kernel reads or writes: the buffer or its bounce copy */
     uint64_t user;               /* the caller's buffer */
     void *bounce;
@@ -55,6 +66,7 @@ struct block {
     unsigned klen;
     uint8_t key[KVU_MAX_KEY];
     char leaf[KVU_LEAF_MAX];
+    char line[KVU_LEAF_MAX + 1]; /* "<leaf>\n" for the writer registry */
     char upper[4];
     char path[KVU_PATH_MAX];
     char tmp[KVU_TMP_MAX];
@@ -80,7 +92,9 @@ struct kvu_core {
     unsigned loads;               /* load blocks added and not finished (the gate) */
     unsigned stores_running;      /* store blocks in flight */
     unsigned unstarted;           /* queued blocks */
-    unsigned active;
+    unsigned active;              /* blocks in flight for their callers */
+    unsigned lent;                /* blocks ended for their callers, chains still in the kernel */
+    unsigned dl_head, dl_tail;    /* the deadline list: oldest first (slot + 1; 0: empty) */
     uint32_t gen;
     uint64_t tmp_seq;
     uint64_t file_size;
@@ -88,6 +102,8 @@ struct kvu_core {
     unsigned nops, ops_cap;
     uint64_t *done;
     unsigned ndone, done_cap;
+    uint64_t *released;           /* batches done whose last lent block came back */
+    unsigned nreleased, released_cap;
     uint64_t *rud;
     int32_t *rres;
     unsigned rcap;
@@ -145,10 +161,13 @@ KVU_HIDDEN void kvu_new_chain(struct kvu_core *c, struct block *b, enum stage st
 KVU_HIDDEN void kvu_finish(struct kvu_core *c, struct block *b, int status, int32_t error);
 KVU_HIDDEN int32_t kvu_fail(struct kvu_core *c, int32_t res);
 KVU_HIDDEN int kvu_retry(struct kvu_core *c, struct block *b, int32_t res);
+KVU_HIDDEN void kvu_release(struct kvu_core *c, struct block *b);
+KVU_HIDDEN void kvu_end_lent(struct kvu_core *c, struct block *b);
 
 /* chains.c */
 KVU_HIDDEN int kvu_prepare(struct kvu_core *c, struct block *b);
 KVU_HIDDEN void kvu_begin(struct kvu_core *c, struct block *b);
 KVU_HIDDEN void kvu_end_chain(struct kvu_core *c, struct block *b);
+KVU_HIDDEN void kvu_end_lent_chain(struct kvu_core *c, struct block *b);
 
 #endif

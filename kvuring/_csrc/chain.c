@@ -119,9 +119,10 @@ static int64_t kvu_exec_one(const uint64_t *w, int *files, unsigned nfiles, int6
             unsigned slot = (unsigned)(w[9] - 1);
             if (slot >= nfiles || files[slot] < 0)
                 return -EBADF;
-            close(files[slot]);
+            /* A plain close flushes: its error (NFS, FUSE write-back) is the result. */
+            r = close(files[slot]);
             files[slot] = -1;
-            return 0;
+            return r < 0 ? -errno : 0;
         }
         return close((int)fd) < 0 ? -errno : 0;
     case IORING_OP_READ:
@@ -155,6 +156,10 @@ static int64_t kvu_exec_one(const uint64_t *w, int *files, unsigned nfiles, int6
     case IORING_OP_FSYNC:
         r = (w[7] & IORING_FSYNC_DATASYNC) ? fdatasync((int)fd) : fsync((int)fd);
         return r < 0 ? -errno : 0;
+    case KVU_OP_FD_INSTALL:
+        /* A slot is a plain fd here: the installed one is a duplicate. */
+        r = fcntl((int)fd, F_DUPFD_CLOEXEC, 0);
+        return r < 0 ? -errno : r;
     case IORING_OP_ASYNC_CANCEL:
         return -ENOENT;
     case IORING_OP_LINK_TIMEOUT:

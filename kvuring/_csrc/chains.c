@@ -105,36 +105,66 @@ static void load_begin(struct kvu_core *c, struct block *b)
 }
 
 
+/*
+ * A store's first chain: [its leaf's line in the writer registry] [the
+ * leaf check] create the temp file -> write -> [install the descriptor as
+ * a plain fd] -> close the slot.  Publishing is a chain of its own
+ * (store_publish), written once this one came back in time: closing the
+ * installed fd runs the filesystem's flush (errors fail the block), and a
+ * block past its deadline is never renamed into place.
+ */
 static void store_begin(struct kvu_core *c, struct block *b)
 {
     unsigned slot = slot_of(c, b);
     int ns = c->cfg.ns_fd;
     kvu_new_chain(c, b, ST_MAIN);
-    b->first = 0;
-    b->dircheck = 0;
+    b->st_reg = b->st_check = b->st_install = NO_STEP;
+    if (c->cfg.reg_fd >= 0 && !leaf_known(c->leaf_noted, b->leaf_index)) {
+        /* Recorded before the first temp file goes there, so the next open
+         * can clean up after a dead writer (offset -1: the file's end). */
+        b->st_reg = b->nsteps;
+        kvu_push(c, b, IORING_OP_WRITE, L_ | S_, c->cfg.reg_fd, ptr(b->line), b->line_len,
+                 UINT64_MAX, 0, 0, 0, b->line_len);
+    }
     if (!leaf_known(c->leaf_ready, b->leaf_index)) {
         /* A leaf not known to exist: check its upper directory is a real one
          * beneath the namespace, then make the leaf (EEXIST is fine, the
          * hard link runs on).  The create refuses symlinks on the whole path. */
+        b->st_check = b->nsteps;
         kvu_push(c, b, IORING_OP_OPENAT2, L_ | S_, ns, ptr(b->upper), 0, 0, 0, ptr(&c->how_dir), slot + 1,
              R_NEGATIVE);
         kvu_push(c, b, IORING_OP_MKDIRAT, H_ | S_, ns, ptr(b->leaf), 0, 0, 0, 0755, 0, R_CANCELLED);
-        b->first = 2;
-        b->dircheck = 1;
     }
     if (sealed_by_worker(c, b->batch)) {
         /* The thread engine checksums and packs the trailer on the worker
          * that writes the block. */
         kvu_push(c, b, KVU_OP_SEAL, L_ | S_, 0, b->addr, c->cfg.block_size, 0, ptr(trailer_of(c, b)), ptr(b->key),
              b->klen, R_NEGATIVE);
-        b->first++;
     } else if (c->cfg.verify) {
         kvu_pack_trailer(trailer_of(c, b), b->key, b->klen, c->cfg.block_size, b->psum);
     }
+    b->st_create = b->nsteps;
     kvu_push(c, b, IORING_OP_OPENAT2, L_ | S_ | A_, ns, ptr(b->tmp), 0, 0, 0, ptr(&c->how_create), slot + 1,
          R_NEGATIVE);
     push_transfer(c, b, 0, L_ | S_ | F_, 0);
-    kvu_push(c, b, IORING_OP_CLOSE, L_ | S_, 0, 0, 0, 0, 0, 0, slot + 1, R_NEGATIVE);
+    if (c->cfg.fd_install) {
+        /* Hard link: the slot is closed whatever the install did. */
+        b->st_install = b->nsteps;
+        kvu_push(c, b, KVU_OP_FD_INSTALL, H_ | F_, slot, 0, 0, 0, 0, 0, 0, R_NEGATIVE);
+    }
+    b->st_close = b->nsteps;
+    kvu_push(c, b, IORING_OP_CLOSE, 0, 0, 0, 0, 0, 0, 0, slot + 1, R_NEGATIVE);
+}
+
+/* Close the installed fd (its flush may report an error), then rename. */
+static void store_publish(struct kvu_core *c, struct block *b)
+{
+    int ns = c->cfg.ns_fd;
+    kvu_new_chain(c, b, ST_PUBLISH);
+    if (b->fd >= 0) {
+        kvu_push(c, b, IORING_OP_CLOSE, L_ | S_, b->fd, 0, 0, 0, 0, 0, 0, R_NEGATIVE);
+        b->fd = -1; /* closed by this chain, whatever comes of it */
+    }
     b->sent_noreplace = (uint8_t)c->cfg.noreplace;
     kvu_push(c, b, IORING_OP_RENAMEAT, 0, ns, ptr(b->tmp), 0, 0, c->cfg.noreplace ? RENAME_NOREPLACE : 0,
          (uint64_t)(int64_t)ns, ptr(b->path), R_CANCELLED);
@@ -181,26 +211,6 @@ static unsigned leaf_index_of(const struct kvu_core *c, const uint8_t *key, unsi
     return group * LEAVES + v;
 }
 
-/* Append "<leaf>\n" to this writer's registry before the first temp file
- * goes there, so the next open can clean up after a dead writer. */
-static int note_leaf(struct kvu_core *c, struct block *b)
-{
-    char line[KVU_LEAF_MAX + 1];
-    size_t n = strlen(b->leaf);
-    ssize_t r;
-    if (c->cfg.reg_fd < 0 || leaf_known(c->leaf_noted, b->leaf_index))
-        return 0;
-    memcpy(line, b->leaf, n);
-    line[n++] = '\n';
-    do
-        r = write(c->cfg.reg_fd, line, n);
-    while (r < 0 && errno == EINTR);
-    if (r != (ssize_t)n)
-        return r < 0 ? -errno : -EIO;
-    leaf_mark(c->leaf_noted, b->leaf_index);
-    return 0;
-}
-
 /*
  * What a block needs before its first chain: its path and leaf (by the
  * namespace's layout), its place in the leaf bitmaps, an aligned copy of an
@@ -243,11 +253,11 @@ int kvu_prepare(struct kvu_core *c, struct block *b)
         batch->bounced++;
     }
     if (batch->kind == KVU_STORE) {
-        int r = note_leaf(c, b);
-        if (r < 0) {
-            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, r));
-            return -1;
-        }
+        size_t n = strlen(b->leaf);
+        int r;
+        memcpy(b->line, b->leaf, n);
+        b->line[n] = '\n';
+        b->line_len = (uint8_t)(n + 1);
         r = snprintf(b->tmp, sizeof b->tmp, "%s%sc%llu.tmp", b->path, c->cfg.marker,
                      (unsigned long long)++c->tmp_seq);
         if (r < 0 || (size_t)r >= sizeof b->tmp) {
@@ -365,13 +375,28 @@ static void load_end(struct kvu_core *c, struct block *b)
 static void store_cleanup(struct kvu_core *c, struct block *b, int32_t error, int again, int close)
 {
     /* The rename never ran or failed: close the slot if a write failed
-     * (harmless when already closed) and remove the temp file. */
+     * (harmless when already closed), and an installed fd, and remove the
+     * temp file. */
     kvu_new_chain(c, b, ST_CLEANUP);
     b->error = error;
     b->retry_after_cleanup = (uint8_t)again;
     if (close)
         kvu_push(c, b, IORING_OP_CLOSE, H_ | S_, 0, 0, 0, 0, 0, 0, slot_of(c, b) + 1, R_NEGATIVE);
+    if (b->fd >= 0) {
+        kvu_push(c, b, IORING_OP_CLOSE, H_ | S_, b->fd, 0, 0, 0, 0, 0, 0, R_NEGATIVE);
+        b->fd = -1;
+    }
     kvu_push(c, b, IORING_OP_UNLINKAT, 0, c->cfg.ns_fd, ptr(b->tmp), 0, 0, 0, 0, 0, R_CANCELLED);
+}
+
+/* The last step's result: a cleanup's unlink.  A temp file that could not
+ * be removed is counted; the writer then leaves its registry entry behind
+ * at close, so the next open removes the file. */
+static void note_cleanup(struct kvu_core *c, const struct block *b)
+{
+    int32_t unlink = b->res[b->nsteps - 1];
+    if (unlink < 0 && unlink != -ENOENT && unlink != NONE)
+        c->st.cleanup_failed++;
 }
 
 static void store_cleanup_or_retry(struct kvu_core *c, struct block *b, int32_t res, int close)
@@ -419,61 +444,49 @@ static void store_after_rename(struct kvu_core *c, struct block *b, int32_t res)
     }
 }
 
-static void store_end(struct kvu_core *c, struct block *b)
+static int32_t step_res(const struct block *b, uint8_t step)
 {
-    const int32_t *res;
-    int32_t bad;
-    switch (b->stage) {
-    case ST_CLEANUP:
-        if (b->retry_after_cleanup) {
-            b->retry_after_cleanup = 0;
+    return step == NO_STEP ? NONE : b->res[step];
+}
+
+/* The first chain came back: what failed, or publish. */
+static void store_main_end(struct kvu_core *c, struct block *b)
+{
+    int32_t reg = step_res(b, b->st_reg), check = step_res(b, b->st_check);
+    int32_t create = b->res[b->st_create], install, closed, bad;
+    if (reg != NONE) {
+        /* Posted, so it failed (a full disk, say): nothing was created. */
+        reg = reg < 0 ? reg : -ENOSPC;
+        if (kvu_retry(c, b, reg))
             store_begin(c, b);
-        } else if (b->exists) {
-            kvu_finish(c, b, KVU_EXISTS, 0);
-        } else {
-            kvu_finish(c, b, KVU_FAILED, b->error);
-        }
-        return;
-    case ST_RENAME:
-        store_after_rename(c, b, b->res[0] == NONE ? -ECANCELED : b->res[0]);
-        return;
-    case ST_MKDIR: {
-        int32_t check = b->res[1], leaf = b->res[2];
-        if (check != NONE && check < 0)
-            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, check));
-        else if (leaf != NONE && leaf < 0 && leaf != -EEXIST)
-            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, leaf));
         else
-            store_begin(c, b);
+            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, reg));
         return;
     }
-    default:
-        break;
-    }
-    if (b->dircheck) {
+    if (check != NONE && check < 0) {
         /* The upper-directory check failed: missing (make it, checked) or
          * not a real directory (never write through it). */
-        int32_t check = b->res[0];
-        if (check != NONE && check < 0) {
-            if (check == -ENOENT && !b->made_dirs)
-                store_make_dirs(c, b);
-            else
-                kvu_finish(c, b, KVU_FAILED, kvu_fail(c, check));
-            return;
-        }
-    }
-    res = b->res + b->first; /* a leaf mkdir's EEXIST (or error) needs no action */
-    if (res[0] != NONE && res[0] < 0) {
-        if (res[0] == -ENOENT && !b->made_dirs)
+        if (check == -ENOENT && !b->made_dirs)
             store_make_dirs(c, b);
-        else if (kvu_retry(c, b, res[0]))
+        else if (kvu_retry(c, b, check))
             store_begin(c, b);
         else
-            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, res[0]));
+            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, check));
+        return;
+    }
+    if (create != NONE && create < 0) {
+        if (create == -ENOENT && !b->made_dirs)
+            store_make_dirs(c, b);
+        else if (kvu_retry(c, b, create))
+            store_begin(c, b);
+        else
+            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, create));
         return;
     }
     leaf_mark(c->leaf_ready, b->leaf_index);
-    bad = transfer_failure(b, res + 1);
+    if (b->st_reg != NO_STEP)
+        leaf_mark(c->leaf_noted, b->leaf_index);
+    bad = transfer_failure(b, b->res + b->st_create + 1);
     if (bad < 0) {
         store_cleanup_or_retry(c, b, bad, 1);
         return;
@@ -483,12 +496,91 @@ static void store_end(struct kvu_core *c, struct block *b)
         store_cleanup(c, b, kvu_fail(c, -ENOSPC), 0, 1);
         return;
     }
-    res += 1 + b->ntransfer;
-    if (res[0] != NONE && res[0] < 0) {
-        store_cleanup_or_retry(c, b, res[0], 1);
+    install = step_res(b, b->st_install);
+    if (install >= 0 && b->st_install != NO_STEP)
+        b->fd = install;
+    closed = b->res[b->st_close];
+    if (install < 0 && install != NONE) {
+        store_cleanup_or_retry(c, b, install, 0);
         return;
     }
-    store_after_rename(c, b, res[1] == NONE ? -ECANCELED : res[1]);
+    if (closed < 0 && closed != NONE) {
+        /* The thread engine's slot is a plain fd: its close flushed. */
+        c->st.close_errors++;
+        store_cleanup_or_retry(c, b, closed, 0);
+        return;
+    }
+    store_publish(c, b);
+}
+
+static void store_end(struct kvu_core *c, struct block *b)
+{
+    switch (b->stage) {
+    case ST_CLEANUP:
+        note_cleanup(c, b);
+        if (b->retry_after_cleanup) {
+            b->retry_after_cleanup = 0;
+            store_begin(c, b);
+        } else if (b->exists) {
+            kvu_finish(c, b, KVU_EXISTS, 0);
+        } else {
+            kvu_finish(c, b, KVU_FAILED, b->error);
+        }
+        return;
+    case ST_PUBLISH:
+        if (b->nsteps == 2 && b->res[0] != NONE) {
+            /* The close failed (flush: a write-back error); the rename did
+             * not run. */
+            c->st.close_errors++;
+            store_cleanup_or_retry(c, b, b->res[0], 0);
+            return;
+        }
+        __attribute__((fallthrough)); /* to the rename's result */
+    case ST_RENAME: {
+        int32_t res = b->res[b->nsteps - 1];
+        store_after_rename(c, b, res == NONE ? -ECANCELED : res);
+        return;
+    }
+    case ST_MKDIR: {
+        int32_t check = b->res[1], leaf = b->res[2];
+        if (check != NONE && check < 0 && kvu_retry(c, b, check))
+            store_begin(c, b);
+        else if (check != NONE && check < 0)
+            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, check));
+        else if (leaf != NONE && leaf < 0 && leaf != -EEXIST)
+            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, leaf));
+        else
+            store_begin(c, b);
+        return;
+    }
+    default:
+        store_main_end(c, b);
+        return;
+    }
+}
+
+/*
+ * A lent block's chain came back (its caller was told FAILED long ago).  A
+ * store may have left a temp file, an installed fd or its slot open: one
+ * cleanup chain, whatever stage it was at (if its rename went through, the
+ * block stays: its bytes were written before the deadline).  Then the slot
+ * is free.
+ */
+void kvu_end_lent_chain(struct kvu_core *c, struct block *b)
+{
+    if (b->batch->kind == KVU_STORE && b->stage != ST_LENT) {
+        kvu_new_chain(c, b, ST_LENT);
+        kvu_push(c, b, IORING_OP_CLOSE, H_ | S_, 0, 0, 0, 0, 0, 0, slot_of(c, b) + 1, R_NEGATIVE);
+        if (b->fd >= 0) {
+            kvu_push(c, b, IORING_OP_CLOSE, H_ | S_, b->fd, 0, 0, 0, 0, 0, 0, R_NEGATIVE);
+            b->fd = -1;
+        }
+        kvu_push(c, b, IORING_OP_UNLINKAT, 0, c->cfg.ns_fd, ptr(b->tmp), 0, 0, 0, 0, 0, R_CANCELLED);
+        return;
+    }
+    if (b->stage == ST_LENT)
+        note_cleanup(c, b);
+    kvu_end_lent(c, b);
 }
 
 /* ------------------------------------------------------------------------ */

@@ -31,6 +31,7 @@
  * arg1..arg3 are per opcode (see kvu_prep_one in ops.c).
  */
 #define KVU_CORE_TAG (1ULL << 62)  /* user_data of the block core's operations */
+#define KVU_QUIET_TAG (1ULL << 61) /* with KVU_CORE_TAG: a completion nobody waits for (a cancel) */
 
 /*
  * cdef: begin.  From here to "cdef: end" this header is also the cffi cdef
@@ -49,6 +50,14 @@
  */
 #define KVU_OP_CHECKSUM 240
 #define KVU_OP_SEAL 241
+
+/* IORING_OP_FIXED_FD_INSTALL (Linux 6.8; liburing 2.3's header lacks it):
+ * a direct descriptor's file put into the process's fd table, so that
+ * closing it runs the filesystem's flush, where NFS and FUSE report
+ * write-back errors (closing a direct descriptor never flushes). */
+#define KVU_OP_FD_INSTALL 54
+
+#define KVU_ERRNOS 136       /* errnos counted one by one in kvu_core_stats.errors */
 
 #define KVU_MAX_CHAIN 16     /* steps a chain may have (user_data has 4 step bits) */
 #define KVU_TRAILER_SIZE 4096
@@ -125,6 +134,8 @@ struct kvu_batch {
     unsigned quiet;           /* deletes: removing CORRUPT blocks, not counted as deletes */
     /* counted by the core */
     unsigned next, pending, failed, corrupt, unverified, bounced;
+    unsigned lent;            /* blocks that ended (deadline, abort) while the kernel still
+                                 has their chain: their buffers are not the caller's yet */
     int cancelled, queued;
     struct kvu_batch *qnext;
 };
@@ -134,6 +145,8 @@ struct kvu_core_stats {
     uint64_t stored, exists, hits, misses, corrupt, failures, deleted;
     uint64_t bytes_written, bytes_read, bounced, held, retries, stray;
     uint64_t noreplace_fallbacks, ioprio_dropped, fixed_transfers;
+    uint64_t timeouts, cleanup_failed, close_errors;
+    uint64_t errors[KVU_ERRNOS]; /* FAILED blocks by errno */
 };
 
 struct kvu_core_config {
@@ -154,6 +167,8 @@ struct kvu_core_config {
     int trailer_index;          /* the registered buffer holding them, or -1 */
     int noreplace;
     int layout;                 /* KVU_LAYOUT_* */
+    uint64_t timeout_ns;        /* a block's deadline after it starts; 0: none */
+    int fd_install;             /* stores close through KVU_OP_FD_INSTALL (flush errors seen) */
     char suffix[8];             /* ".kvb" or ".bin" */
     char marker[64];            /* ".<writer token>." */
 };
@@ -179,6 +194,7 @@ int kvu_pool_submit(struct kvu_pool *p, const uint64_t *ops, unsigned n);
 unsigned kvu_pool_reap(struct kvu_pool *p, uint64_t *ud, int32_t *res, unsigned max);
 unsigned kvu_pool_wait(struct kvu_pool *p, int until_idle);
 void kvu_pool_free(struct kvu_pool *p);
+void kvu_pool_abandon(struct kvu_pool *p);
 
 /* format.c */
 uint64_t kvu_checksum(const void *p, size_t n);
@@ -206,6 +222,10 @@ unsigned kvu_core_pump(struct kvu_core *c, uint64_t *ud, int32_t *res, unsigned 
 unsigned kvu_core_done(struct kvu_core *c, uint64_t *ids, unsigned max);
 unsigned kvu_core_busy(const struct kvu_core *c);
 unsigned kvu_core_active(const struct kvu_core *c);
+unsigned kvu_core_lent(const struct kvu_core *c);
+int64_t kvu_core_next_deadline(const struct kvu_core *c);
+unsigned kvu_core_abort(struct kvu_core *c, int32_t err);
+unsigned kvu_core_released(struct kvu_core *c, uint64_t *ids, unsigned max);
 const struct kvu_core_stats *kvu_core_stats(const struct kvu_core *c);
 int kvu_core_noreplace(const struct kvu_core *c);
 unsigned kvu_core_load_ioprio(const struct kvu_core *c);

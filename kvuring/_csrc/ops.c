@@ -88,6 +88,10 @@ static int kvu_prep_one(struct io_uring_sqe *sqe, const uint64_t *w)
     case IORING_OP_LINK_TIMEOUT:
         io_uring_prep_link_timeout(sqe, addr, (unsigned)w[7]);
         break;
+    case KVU_OP_FD_INSTALL:
+        /* fd: the direct slot (with IOSQE_FIXED_FILE); install flags 0: O_CLOEXEC */
+        io_uring_prep_rw(KVU_OP_FD_INSTALL, sqe, fd, NULL, 0, 0);
+        break;
     default:
         return -1;
     }
@@ -120,7 +124,7 @@ int kvu_prep_ops(struct io_uring *ring, const uint64_t *ops, unsigned n)
         case IORING_OP_WRITE_FIXED: case IORING_OP_READV: case IORING_OP_WRITEV:
         case IORING_OP_RENAMEAT: case IORING_OP_UNLINKAT: case IORING_OP_MKDIRAT:
         case IORING_OP_STATX: case IORING_OP_FSYNC: case IORING_OP_ASYNC_CANCEL:
-        case IORING_OP_LINK_TIMEOUT:
+        case IORING_OP_LINK_TIMEOUT: case KVU_OP_FD_INSTALL:
             break;
         default:
             return -EINVAL;

@@ -274,3 +274,22 @@ void kvu_pool_free(struct kvu_pool *p)
     free(p->cq_res);
     free(p);
 }
+
+/*
+ * Let the pool go without waiting for it: for a close whose I/O hangs in a
+ * filesystem.  The workers stop after the chain each one is in; the pool,
+ * its eventfd and the slots' files stay allocated and open for them (a
+ * worker that comes back still signals and posts), so nothing is freed.
+ */
+void kvu_pool_abandon(struct kvu_pool *p)
+{
+    unsigned i;
+    if (!p)
+        return;
+    pthread_mutex_lock(&p->mu);
+    p->stop = 1;
+    pthread_cond_broadcast(&p->work);
+    pthread_mutex_unlock(&p->mu);
+    for (i = 0; i < p->nthreads; i++)
+        pthread_detach(p->threads[i]);
+}
