@@ -11,7 +11,9 @@ engine alike.  The core shares the engine with the driver's Python units:
 
 from __future__ import annotations
 
+import errno
 import os
+import time
 from array import array
 from collections.abc import Callable, Sequence
 from itertools import accumulate
@@ -56,8 +58,15 @@ CORRUPT_REASONS: dict[int, str] = {
 STAT_FIELDS = (
     "stored", "exists", "hits", "misses", "corrupt", "failures", "deleted", "bytes_written",
     "bytes_read", "bounced", "held", "retries", "stray", "noreplace_fallbacks", "ioprio_dropped",
-    "fixed_transfers",
+    "fixed_transfers", "timeouts", "cleanup_failed", "close_errors",
 )  # fmt: skip
+
+#: What a store closed with I/O still hung inside the kernel leaves behind:
+#: its core (the kernel may still write its statx buffers and trailer
+#: pages) and the batches of its lent blocks (their buffers stay pinned).
+#: Never freed: freed memory the kernel writes into later would corrupt
+#: whatever took its place.
+_ABANDONED: list[object] = []
 
 
 class CoreBatch:
@@ -159,6 +168,9 @@ class BlockCore:
         suffix: bytes,
         marker: bytes,
         layout: int = 0,
+        timeout: float | None = None,
+        fd_install: bool = False,
+        keep_alive: object = None,
     ) -> None:
         if len(marker) >= 64 or len(suffix) >= 8:
             raise ValueError("temp-file marker or suffix too long")
@@ -182,12 +194,21 @@ class BlockCore:
         cfg.suffix = suffix
         cfg.layout = layout
         cfg.marker = marker
+        cfg.timeout_ns = int(timeout * 1e9) if timeout else 0
+        cfg.fd_install = int(fd_install)
+        self.timeout = timeout
+        self.fd_install = fd_install
+        #: what the core's memory points into (the trailer pages): kept with it
+        self._keep_alive = keep_alive
         self.engine = engine
         self._c = lib.kvu_core_new(cfg, engine.c_engine)
         if self._c == ffi.NULL:
             raise MemoryError("kvuring: could not allocate the block core")
         self._stats = lib.kvu_core_stats(self._c)
         self._batches: dict[int, CoreBatch] = {}
+        # Done batches with blocks still in the kernel (past their deadline):
+        # their buffers stay pinned until the core reports them released.
+        self._lent: dict[int, CoreBatch] = {}
         self._next_id = 0
         self._ids = ffi.new("uint64_t[]", 256)
         self._nother = ffi.new("unsigned *")
@@ -258,12 +279,55 @@ class BlockCore:
         while True:
             n = lib.kvu_core_done(self._c, self._ids, 256)
             if not n:
-                return
+                break
             for bid in ffi.unpack(self._ids, n):
                 batch = self._batches.pop(bid)
-                batch.unhold()
+                if batch.c.lent:
+                    self._lent[bid] = batch
+                else:
+                    batch.unhold()
                 if batch.on_done is not None:
                     batch.on_done(batch)
+        if self._lent:
+            while n := lib.kvu_core_released(self._c, self._ids, 256):
+                for bid in ffi.unpack(self._ids, n):
+                    lent = self._lent.pop(bid, None)
+                    if lent is not None:
+                        lent.unhold()
+
+    def next_deadline(self) -> float | None:
+        """Seconds until the earliest deadline of a block in flight, or None (no deadline)."""
+        if self.closed or not self.timeout:
+            return None
+        when = int(lib.kvu_core_next_deadline(self._c))
+        if when < 0:
+            return None
+        return max(0.0, (when - time.monotonic_ns()) / 1e9)
+
+    def lent(self) -> int:
+        """Blocks that ended for their callers while the kernel still has their chains."""
+        if self.closed:
+            return sum(batch.c.lent for batch in self._lent.values())
+        return int(lib.kvu_core_lent(self._c))
+
+    def abort(self, err: int = errno.ECANCELED) -> int:
+        """Closing: every queued and in-flight block ends FAILED (``err``) now; returns how many are lent."""
+        if self.closed:
+            return 0
+        lent = int(lib.kvu_core_abort(self._c, err))
+        self._finish_done()
+        return lent
+
+    def errors(self) -> dict[str, int]:
+        """FAILED blocks by errno name (``{"EIO": 2, "ETIMEDOUT": 1}``)."""
+        if self.closed:
+            return dict(self._final_errors)
+        counts = self._stats.errors
+        return {
+            errno.errorcode.get(code, str(code)): int(counts[code])
+            for code in range(1, lib.KVU_ERRNOS)
+            if counts[code]
+        }
 
     def busy(self) -> bool:
         """Blocks queued, in flight, or finished and not yet reported."""
@@ -294,15 +358,25 @@ class BlockCore:
         return {name: int(getattr(st, name)) for name in STAT_FIELDS}
 
     def close(self) -> None:
-        """Free the core; only once nothing is in flight (the driver drains first)."""
+        """Free the core once nothing is in flight (the driver drains first).
+
+        With blocks still lent (I/O hung in the kernel) the core's memory,
+        and the lent batches with their pinned buffers, are left allocated
+        for good (``_ABANDONED``): the kernel may still write into them.
+        """
         if self.closed:
             return
         final = self.stats()
         final["noreplace"] = int(self.noreplace)
         final["load_ioprio"] = self.load_ioprio
+        self._final_errors = self.errors()
         self._final = final
+        lent = int(lib.kvu_core_lent(self._c))
         self.closed = True
-        if os.getpid() == self.engine.owner_pid:
+        if lent:
+            final["lent_at_close"] = lent
+            _ABANDONED.append((self._c, self._keep_alive, list(self._lent.values())))
+        elif os.getpid() == self.engine.owner_pid:
             lib.kvu_core_free(self._c)
         self._c = ffi.NULL
         self._stats = ffi.NULL

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from array import array
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kvuring import _binding as b
+from kvuring._blocks import _ABANDONED
 from kvuring._ops import new_words
 
 if TYPE_CHECKING:
@@ -310,31 +312,84 @@ class Driver:
         if self.on_idle is not None and not self.busy():
             self.on_idle()
 
+    # -- waiting -----------------------------------------------------------------
+    def wait_time(self, deadline: float | None) -> float | None:
+        """How long a wait may block: until ``deadline`` (time.monotonic()) or the core's next
+        block deadline, whichever is first; None: no limit."""
+        core = self.core
+        limit = core.next_deadline() if core is not None else None
+        if deadline is not None:
+            left = max(0.0, deadline - time.monotonic())
+            limit = left if limit is None else min(limit, left)
+        return limit
+
+    def wait(self, deadline: float | None = None) -> None:
+        """Block until a completion may be there, a block's deadline passes, or ``deadline``."""
+        limit = self.wait_time(deadline)
+        if limit is None:
+            self.engine.wait_completion()
+        elif limit > 0:
+            self.engine.wait(limit)
+
     # -- closing -----------------------------------------------------------------
-    def drain(self) -> None:
-        """Block until every started unit and core block has finished (queued ones run too)."""
+    def drain(self, deadline: float | None = None) -> bool:
+        """Block until every started unit and core block has finished (queued ones run too).
+
+        False when ``deadline`` (time.monotonic()) passed first.
+        """
         while True:
             self.flush()
             if not self.busy():
-                return
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
             if self.in_flight or self.core is None or self.core.in_flight():
-                self.engine.wait_completion()
+                self.wait(deadline)
             self.process()
 
-    def close(self, exc: BaseException | None = None) -> None:
-        """Drain what is in flight, abort what never started, close the engine; idempotent."""
-        if self.closed:
+    def abort(self, grace: float = 0.2) -> None:
+        """End every core block now (FAILED, ECANCELED); wait up to ``grace`` s for their chains."""
+        core = self.core
+        if core is None or core.closed:
             return
+        core.abort()
+        until = time.monotonic() + grace
+        while core.lent() and time.monotonic() < until:
+            self.flush()
+            self.engine.wait(max(0.0, until - time.monotonic()))
+            self.process()
+
+    def close(self, exc: BaseException | None = None, *, deadline: float | None = None) -> bool:
+        """Drain what is in flight, abort what never started, close the engine; idempotent.
+
+        With ``deadline``, what is still in flight then is aborted (its
+        blocks end FAILED, ECANCELED) and, if the kernel still has chains
+        (a hung filesystem), the engine is let go without waiting for
+        them; their memory stays allocated for good.  Returns whether
+        everything came back.
+        """
+        if self.closed:
+            return True
+        clean = True
         if self.engine.owner_pid == os.getpid():
             waiting, self._waiting = list(self._waiting), deque()
             for unit in waiting:
                 if not unit.cancelled:
                     unit.aborted(exc or RuntimeError("kvuring closed before the operation ran"))
-            self.drain()
+            if not self.drain(deadline):
+                self.abort()
+                clean = not self.in_flight
         self.closed = True
-        if self.core is not None:
-            self.core.close()
-        self.engine.close()
+        core = self.core
+        if core is not None:
+            clean = clean and not core.lent()
+            core.close()
+        if clean:
+            self.engine.close()
+        else:
+            _ABANDONED.append(self._units)  # the kernel may still use their buffers
+            self.engine.abandon()
+        return clean
 
     def stats(self) -> dict[str, int]:
         return {

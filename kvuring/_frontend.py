@@ -26,6 +26,17 @@ MAX_BLOCK_SIZE = 1 << 30
 MAX_QUEUE_DEPTH = 8192
 
 
+def check_io_timeout(io_timeout: object) -> float | None:
+    """``io_timeout``: None (no deadline) or a positive, finite number of seconds."""
+    if io_timeout is None:
+        return None
+    if isinstance(io_timeout, bool) or not isinstance(io_timeout, (int, float)):
+        raise TypeError(f"io_timeout must be a number of seconds or None, not {io_timeout!r}")
+    if not 0 < io_timeout < float("inf"):
+        raise ValueError(f"io_timeout must be positive and finite, got {io_timeout!r}")
+    return float(io_timeout)
+
+
 def check_options(block_size: object, direct: object, queue_depth: object) -> None:
     """The checks of the arguments both front ends take."""
     if not isinstance(block_size, int) or isinstance(block_size, bool):
@@ -55,9 +66,11 @@ def store_stats(
     out: dict[str, Any] = dict.fromkeys(
         ("puts", "gets", "contains", "deletes", "stored", "exists", "hits", "misses",
          "corrupt", "failures", "deleted", "bytes_written", "bytes_read", "bounced",
-         "fixed_transfers", "offloaded_checksums", "stores_held_for_loads", "retries"),
+         "fixed_transfers", "offloaded_checksums", "stores_held_for_loads", "retries",
+         "timeouts", "cleanup_failed", "close_errors", "lent_buffers"),
         0,
     )  # fmt: skip
+    out["errors"] = {}
     core: BlockCore | None = None
     if runner is not None:
         out.update(runner.stats())
@@ -77,6 +90,8 @@ def store_stats(
         else "default",
         spread_reads=ns.spread_reads,
         fixed_buffers_active=fixed_ready,
+        io_timeout=core.timeout if core is not None else None,
+        close_errors_checked=core.fd_install if core is not None else None,
     )
     if fixed is not None:
         out.update(fixed.stats())
@@ -102,8 +117,10 @@ class StoreFrontEnd:
         prioritize_loads: bool = True,
         fixed_buffers: bool = False,
         layout: str = "kvuring",
+        io_timeout: float | None = 30.0,
     ) -> None:
         check_options(block_size, direct, queue_depth)
+        self.io_timeout = check_io_timeout(io_timeout)
         self.layout = check_layout(layout, bool(verify))
         self.root = os.path.abspath(os.fspath(root))
         self.block_size = block_size
@@ -143,6 +160,7 @@ class StoreFrontEnd:
         core, self._fixed, self._fixed_ready = start_core(
             self._ns, engine, driver,
             fixed_buffers=self.fixed_buffers, prioritize_loads=self.prioritize_loads,
+            io_timeout=self.io_timeout,
         )  # fmt: skip
         self._runner = BatchRunner(self._ns, core, self._fixed if self._fixed_ready else None,
                                    kick=kick, post=post)  # fmt: skip

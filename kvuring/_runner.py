@@ -82,8 +82,9 @@ class Job:
 
 
 def start_core(
-    ns: Namespace, engine: Engine, driver: Driver, *, fixed_buffers: bool, prioritize_loads: bool
-) -> tuple[BlockCore, FixedBuffers | None, bool]:
+    ns: Namespace, engine: Engine, driver: Driver, *, fixed_buffers: bool, prioritize_loads: bool,
+    io_timeout: float | None = None,
+) -> tuple[BlockCore, FixedBuffers | None, bool]:  # fmt: skip
     """The block core for ``ns`` on ``engine``, attached to ``driver``; registered buffers if asked.
 
     Returns the core, the registered-buffer table (``fixed_buffers``) and
@@ -120,6 +121,9 @@ def start_core(
         suffix=(VERIFIED_SUFFIX if ns.verify else RAW_SUFFIX).encode(),
         marker=tmp_suffix(ns.writer.token),
         layout=core_api.LAYOUT_OF[ns.layout],
+        timeout=io_timeout,
+        fd_install=bool(engine.features.get("fd_install")),
+        keep_alive=ns.trailers,
     )
     driver.attach_core(core)
     if fixed is not None and ready:
@@ -525,7 +529,10 @@ class BatchRunner:
         for name in CORE_COUNTERS:
             out[name] = out.get(name, 0) + cs[name]
         out["stores_held_for_loads"] = cs["held"]
-        out["retries"] = cs["retries"]
+        for name in ("retries", "timeouts", "cleanup_failed", "close_errors"):
+            out[name] = cs[name]
+        out["errors"] = self.core.errors()
+        out["lent_buffers"] = self.core.lent()
         return out
 
     def close(self) -> None:

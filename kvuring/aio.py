@@ -15,8 +15,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -137,6 +139,9 @@ class AsyncRing:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
         self._idle: asyncio.Event | None = None
+        # One timer for the block core's earliest deadline, so a block whose
+        # completion never comes still ends on time.
+        self._timer: asyncio.TimerHandle | None = None
         self.closed = False
 
     # -- life cycle --------------------------------------------------------------
@@ -159,26 +164,42 @@ class AsyncRing:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def close(self) -> None:
-        """Wait for every in-flight operation, then release the engine; idempotent."""
-        if self.closed:
-            return
-        self.closed = True
+    async def close(self, timeout: float | None = None) -> bool:
+        """Wait for every in-flight operation, then release the engine; idempotent.
+
+        With ``timeout`` (seconds), what is still in flight then is aborted
+        (the block core's blocks end FAILED) and the engine is let go even
+        if the kernel still has work (a hung filesystem).  Returns whether
+        everything came back.
+        """
         driver = self._driver
-        if driver is None:
-            return
+        if driver is None or driver.closed:
+            self.closed = True
+            return True
+        self.closed = True
         if driver.engine.owner_pid != os.getpid():
             driver.close()
-            return
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # A close cut short (its task cancelled) leaves the driver open: the
+        # next close() carries on from here.
         while driver.busy():
             self._idle = asyncio.Event()
             driver.on_idle = self._idle.set
             self._flush()
-            if driver.busy():
-                await self._idle.wait()
+            if not driver.busy():
+                break
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), left)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         assert self._loop is not None
         self._loop.remove_reader(driver.engine.fileno())
-        driver.close()
+        return driver.close(deadline=None if deadline is None else time.monotonic())
 
     def close_now(self) -> None:
         """Close without awaiting: blocks until in-flight operations finish."""
@@ -255,6 +276,8 @@ class AsyncRing:
         if driver is None or driver.closed:
             return
         driver.flush()
+        if self._timer is None and driver.core is not None and driver.core.timeout:
+            self._arm_timer(driver)
 
     def _on_ready(self) -> None:
         driver = self._driver
@@ -264,6 +287,19 @@ class AsyncRing:
         # Units that a completion freed a ticket for, or follow-up chains:
         # submit them now rather than one more loop turn later.
         driver.flush()
+        if self._timer is None and driver.core is not None and driver.core.timeout:
+            self._arm_timer(driver)
+
+    def _arm_timer(self, driver: Driver) -> None:
+        """A wake-up at the core's earliest deadline (one timer; deadlines only move later)."""
+        assert driver.core is not None and self._loop is not None
+        delay = driver.core.next_deadline()
+        if delay is not None:
+            self._timer = self._loop.call_later(delay + 0.001, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._on_ready()
 
     # -- awaitable operations ------------------------------------------------------
     async def _run(

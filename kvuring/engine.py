@@ -58,6 +58,9 @@ OPTIONAL_OPCODES: dict[str, int] = {
     "readv": b.OP_READV,
     "writev": b.OP_WRITEV,
     "link_timeout": b.OP_LINK_TIMEOUT,
+    # IORING_OP_FIXED_FD_INSTALL (6.8): a store closes its temp file through
+    # a plain fd, so the filesystem's flush runs and reports errors
+    "fd_install": b.lib.KVU_OP_FD_INSTALL,
 }
 
 
@@ -173,6 +176,10 @@ class Engine:
 
     def close(self) -> None:
         raise NotImplementedError
+
+    def abandon(self) -> None:
+        """Let go of the engine with work still in the kernel (a hung filesystem): never waits."""
+        self.close()
 
     def stats(self) -> dict[str, Any]:
         s = self._stats
@@ -469,6 +476,19 @@ class ThreadRing(Engine):
         # In a forked child the threads do not exist: leave the copy alone.
         self._pool = b.ffi.NULL
         os.close(self._efd)
+
+    def abandon(self) -> None:
+        """Stop the workers without joining them: one may be stuck in a hung filesystem.
+
+        The pool and its eventfd stay allocated and open for good (a worker
+        that comes back still posts and signals); the process can exit.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        if os.getpid() == self.owner_pid:
+            b.lib.kvu_pool_abandon(self._pool)
+        self._pool = b.ffi.NULL
 
     def set_buffer(self, index: int, addr: int, length: int) -> None:
         # Workers pass a fixed transfer's address straight to pread/pwrite.

@@ -75,6 +75,7 @@ class PollingStore(StoreFrontEnd):
         self._finished: list[Finished] = []
         self._tags: dict[int, object] = {}
         self._open_jobs = 0
+        self._released = False
 
     # -- life cycle ----------------------------------------------------------------
     def open(self) -> PollingStore:
@@ -103,21 +104,26 @@ class PollingStore(StoreFrontEnd):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def close(self) -> None:
-        """Finish what is in flight, then release everything; idempotent.
+    def close(self, timeout: float | None = 5.0) -> None:
+        """Finish what is in flight, then release everything, within about ``timeout`` s.
 
-        Stores still held back for loads end FAILED without running.
-        Finished batches not yet polled are dropped.
+        As :meth:`kvuring.BlockStore.close`: stores still held back for
+        loads end FAILED without running, what is in flight after
+        ``timeout`` ends FAILED (ECANCELED) and a hung engine is let go.
+        Finished batches not yet polled are dropped.  Idempotent; a close
+        that ran out of time may be called again to finish releasing.
         """
-        if self.closed:
-            return
         self.closed = True
+        if self._released:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
         runner, driver = self._runner, self._driver
-        if runner is not None and driver is not None:
+        if runner is not None and driver is not None and not driver.closed:
             runner.core.drop_queued_stores()
-            self._drain()
-            driver.close()
+            self._drain(deadline)
+            driver.close(deadline=deadline)
         self._stop()
+        self._released = True
 
     # -- submitting ------------------------------------------------------------------
     def submit_put(
@@ -212,29 +218,38 @@ class PollingStore(StoreFrontEnd):
             if self._finished or not self._open_jobs:
                 out, self._finished = self._finished, []
                 return out
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
+            driver = self._driver
+            assert driver is not None
+            left = driver.wait_time(deadline)
+            if deadline is not None and time.monotonic() >= deadline:
                 return []
             select.select([self.fileno()], [], [], left)
 
     def drain(self) -> list[Finished]:
-        """Block until every submitted batch has finished; all that finished since the last poll."""
+        """Block until every submitted batch has finished; all that finished since the last poll.
+
+        With ``io_timeout`` set this returns within about that long even if
+        the filesystem hangs: blocks past their deadline end FAILED (ETIMEDOUT).
+        """
         self._runner_for_call()
         self._drain()
         out, self._finished = self._finished, []
         return out
 
-    def _drain(self) -> None:
+    def _drain(self, deadline: float | None = None) -> bool:
         driver = self._driver
         assert driver is not None
         while self._open_jobs or driver.busy() or self._posted:
             self._step()
             if not self._open_jobs and not driver.busy():
                 break
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
             if driver.in_flight or (driver.core is not None and driver.core.in_flight()):
-                driver.engine.wait_completion()
+                driver.wait(deadline)
             elif not self._posted:
                 select.select([self.fileno()], [], [], 0.05)  # hash threads at work
+        return True
 
     def _step(self) -> None:
         driver = self._driver

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -60,6 +61,7 @@ class BlockStore(StoreFrontEnd):
 
     def _init_front_end(self) -> None:
         self._ring: AsyncRing | None = None
+        self._released = False
 
     # -- life cycle ----------------------------------------------------------------
     async def open(self) -> BlockStore:
@@ -109,21 +111,31 @@ class BlockStore(StoreFrontEnd):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def close(self) -> None:
-        """Finish every in-flight operation, release the ring and remove this process's temp dir.
+    async def close(self, timeout: float | None = 5.0) -> None:
+        """Finish what is in flight, release the ring, unregister; returns within about ``timeout`` s.
 
-        Stores still held back for loads end FAILED without running.
+        Stores still held back for loads end FAILED without running.  What
+        is still in flight after ``timeout`` seconds ends FAILED
+        (ECANCELED); if the kernel still has its I/O (a hung filesystem),
+        the ring is let go without waiting and the buffers of those blocks
+        stay pinned for the life of the process (the kernel may still write
+        them).  A close that was itself cancelled (``asyncio.wait_for``) or
+        ran out of time can be called again to finish releasing everything.
+        ``None`` waits as long as it takes.
         """
-        if self.closed:
-            return
         self.closed = True
+        if self._released:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
         runner = self._runner
         if runner is not None and not runner.core.closed:
             runner.core.drop_queued_stores()
             runner.core.flush()  # reports the batches that ended
         if self._ring is not None:
-            await self._ring.close()
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            await self._ring.close(left)
         self._stop()
+        self._released = True
 
     # -- running a job -----------------------------------------------------------------
     async def _run(self, start: Callable[[Callable[[Job], None]], Job]) -> Job:
