@@ -234,7 +234,7 @@ class BlockCore:
 
     def cancel(self, batch: CoreBatch) -> None:
         """Drop the batch's blocks that have not started; those in flight finish."""
-        if batch.c.id in self._batches:
+        if not self.closed and batch.c.id in self._batches:
             lib.kvu_core_cancel(self._c, batch.c)
 
     def set_spans(self, spans: array[int]) -> None:

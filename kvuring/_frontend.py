@@ -169,9 +169,14 @@ class StoreFrontEnd:
         """After the engine is drained and closed: registrations, hash threads, descriptors."""
         if self._fixed is not None:
             self._fixed.clear()
+        keep = False
         if self._runner is not None:
+            # Temp files this writer could not remove, or left to I/O it
+            # abandoned: the next open cleans up after it as after a dead one.
+            final = self._runner.core.stats()
+            keep = bool(final["cleanup_failed"] or final.get("lent_at_close"))
             self._runner.close()
-        self._ns.close()
+        self._ns.close(keep_registry=keep)
 
     def _runner_for_call(self) -> BatchRunner:
         if self._runner is None:

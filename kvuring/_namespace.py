@@ -237,10 +237,14 @@ class Namespace:
     def trailers_addr(self) -> int:
         return b.address_of(self.trailers_pin) if self.trailers_pin is not None else 0
 
-    def close(self) -> None:
-        """Unregister this writer and close the descriptors; idempotent."""
+    def close(self, *, keep_registry: bool = False) -> None:
+        """Unregister this writer and close the descriptors; idempotent.
+
+        ``keep_registry``: leave this writer's registry entry for the next
+        open to clean up after (see WriterRegistration.close).
+        """
         if self.writer is not None:
-            self.writer.close()
+            self.writer.close(keep=keep_registry)
             self.writer = None
         for name in ("reg_fd", "ns_fd"):
             fd = getattr(self, name)

@@ -73,11 +73,16 @@ class WriterRegistration:
             os.write(self.fd, leaf + b"\n")
             self.leaves.add(leaf)
 
-    def close(self) -> None:
-        """Unregister (every temp file is gone by now); idempotent."""
+    def close(self, *, keep: bool = False) -> None:
+        """Unregister (every temp file is gone by now); idempotent.
+
+        ``keep``: leave the lock file (its lock goes with the fd), so the next
+        open treats this writer as dead and removes the temp files it lists
+        (a cleanup unlink failed, or I/O was abandoned at close).
+        """
         if self.fd < 0:
             return
-        if os.getpid() == self.pid:
+        if os.getpid() == self.pid and not keep:
             with contextlib.suppress(OSError):
                 os.unlink(self.lock_name, dir_fd=self.dir_fd)
         os.close(self.fd)

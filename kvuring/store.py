@@ -150,7 +150,8 @@ class BlockStore(StoreFrontEnd):
         try:
             await fut
         except BaseException:
-            self._runner_for_call().cancel(job)
+            if self._runner is not None and not self._released:
+                self._runner.cancel(job)
             raise
         return job
 
@@ -235,7 +236,8 @@ class BlockStore(StoreFrontEnd):
     def stats(self) -> dict[str, Any]:
         """Counters and configuration: ops, bytes, hits, misses, corrupt, failures, bounced, engine, direct I/O."""
         ring = self._ring
-        out = self._stats(ring.backend if ring is not None and not ring.closed else None)
+        live = ring is not None and ring._driver is not None and not ring._driver.closed
+        out = self._stats(ring.backend if live and ring is not None else None)
         if ring is not None and ring._driver is not None:
             out["ring"] = ring.stats()
         return out

@@ -7,6 +7,7 @@ it runs, so the ``kvuring`` command stays quick for other subcommands.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from typing import Any
@@ -75,6 +76,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     from kvuring.bench.runner import BenchError
 
     cfg = config_from_args(args)
+    if not cfg.close_check:
+        os.environ["KVURING_CLOSE_CHECK"] = "0"  # read when each store opens
     problem = check_extras(cfg, impls_named=args.impls is not None)
     if problem:
         print(f"kvuring bench: {problem}", file=sys.stderr)

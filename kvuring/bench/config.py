@@ -54,6 +54,8 @@ class BenchConfig:
     verify: bool
     fixed_buffers: bool
     progress: bool
+    io_timeout: float | None = 30.0
+    close_check: bool = True
 
     def blocks_for(self, block_size: int) -> int:
         """Blocks per round and block size: at least ``bytes_per_size`` bytes, rounded up."""
@@ -80,6 +82,8 @@ class BenchConfig:
             "step_timeout": self.step_timeout,
             "verify": self.verify,
             "fixed_buffers": self.fixed_buffers,
+            "io_timeout": self.io_timeout,
+            "close_check": self.close_check,
             "smoke": self.smoke,
         }
 
@@ -118,6 +122,12 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1: {text}")
     return value
+
+
+def _timeout(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    return _positive_float(text)
 
 
 def _positive_float(text: str) -> float:
@@ -221,6 +231,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="kvuring with fixed_buffers=True (registered buffers, READ/WRITE_FIXED)",
     )
     add(
+        "--io-timeout",
+        type=_timeout,
+        default=30.0,
+        help="kvuring's io_timeout in seconds, or 'none' for no deadlines (%(default)s)",
+    )
+    add(
+        "--no-close-check",
+        action="store_true",
+        help="stores close their temp file as a direct descriptor (no flush, so no close "
+        "errors seen), to measure what the close check costs",
+    )
+    add(
         "--latency-block",
         type=parse_size,
         default=None,
@@ -293,5 +315,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         smoke=args.smoke,
         verify=not args.no_verify,
         fixed_buffers=args.fixed_buffers,
+        io_timeout=args.io_timeout,
+        close_check=not args.no_close_check,
         progress=not args.no_progress,
     )

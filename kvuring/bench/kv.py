@@ -146,6 +146,7 @@ def _store(impl: str, root: str, block_size: int, cfg: BenchConfig) -> BlockStor
         verify=cfg.verify,
         queue_depth=cfg.queue_depth,
         fixed_buffers=cfg.fixed_buffers,
+        io_timeout=cfg.io_timeout,
     )
 
 
