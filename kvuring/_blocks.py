@@ -58,7 +58,7 @@ CORRUPT_REASONS: dict[int, str] = {
 STAT_FIELDS = (
     "stored", "exists", "hits", "misses", "corrupt", "failures", "deleted", "bytes_written",
     "bytes_read", "bounced", "held", "retries", "stray", "noreplace_fallbacks", "ioprio_dropped",
-    "fixed_transfers", "timeouts", "cleanup_failed", "close_errors",
+    "fixed_transfers", "timeouts", "cleanup_failed", "close_errors", "syncs",
 )  # fmt: skip
 
 #: What a store closed with I/O still hung inside the kernel leaves behind:
@@ -170,6 +170,7 @@ class BlockCore:
         layout: int = 0,
         timeout: float | None = None,
         fd_install: bool = False,
+        durable: bool = False,
         keep_alive: object = None,
     ) -> None:
         if len(marker) >= 64 or len(suffix) >= 8:
@@ -196,8 +197,10 @@ class BlockCore:
         cfg.marker = marker
         cfg.timeout_ns = int(timeout * 1e9) if timeout else 0
         cfg.fd_install = int(fd_install)
+        cfg.durable = int(durable)
         self.timeout = timeout
         self.fd_install = fd_install
+        self.durable = durable
         #: what the core's memory points into (the trailer pages): kept with it
         self._keep_alive = keep_alive
         self.engine = engine

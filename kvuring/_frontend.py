@@ -67,7 +67,7 @@ def store_stats(
         ("puts", "gets", "contains", "deletes", "stored", "exists", "hits", "misses",
          "corrupt", "failures", "deleted", "bytes_written", "bytes_read", "bounced",
          "fixed_transfers", "offloaded_checksums", "stores_held_for_loads", "retries",
-         "timeouts", "cleanup_failed", "close_errors", "lent_buffers"),
+         "timeouts", "cleanup_failed", "close_errors", "lent_buffers", "syncs"),
         0,
     )  # fmt: skip
     out["errors"] = {}
@@ -92,6 +92,7 @@ def store_stats(
         fixed_buffers_active=fixed_ready,
         io_timeout=core.timeout if core is not None else None,
         close_errors_checked=core.fd_install if core is not None else None,
+        durable=core.durable if core is not None else None,
     )
     if fixed is not None:
         out.update(fixed.stats())
@@ -118,9 +119,13 @@ class StoreFrontEnd:
         fixed_buffers: bool = False,
         layout: str = "kvuring",
         io_timeout: float | None = 30.0,
+        durable: bool = False,
     ) -> None:
         check_options(block_size, direct, queue_depth)
         self.io_timeout = check_io_timeout(io_timeout)
+        if not isinstance(durable, bool):
+            raise TypeError(f"durable must be True or False, not {durable!r}")
+        self.durable = durable
         self.layout = check_layout(layout, bool(verify))
         self.root = os.path.abspath(os.fspath(root))
         self.block_size = block_size
@@ -160,7 +165,7 @@ class StoreFrontEnd:
         core, self._fixed, self._fixed_ready = start_core(
             self._ns, engine, driver,
             fixed_buffers=self.fixed_buffers, prioritize_loads=self.prioritize_loads,
-            io_timeout=self.io_timeout,
+            io_timeout=self.io_timeout, durable=self.durable,
         )  # fmt: skip
         self._runner = BatchRunner(self._ns, core, self._fixed if self._fixed_ready else None,
                                    kick=kick, post=post)  # fmt: skip

@@ -83,7 +83,7 @@ class Job:
 
 def start_core(
     ns: Namespace, engine: Engine, driver: Driver, *, fixed_buffers: bool, prioritize_loads: bool,
-    io_timeout: float | None = None,
+    io_timeout: float | None = None, durable: bool = False,
 ) -> tuple[BlockCore, FixedBuffers | None, bool]:  # fmt: skip
     """The block core for ``ns`` on ``engine``, attached to ``driver``; registered buffers if asked.
 
@@ -126,6 +126,7 @@ def start_core(
         # flush, no close errors seen); only for measuring what the check costs
         fd_install=bool(engine.features.get("fd_install"))
         and os.environ.get("KVURING_CLOSE_CHECK", "1") != "0",
+        durable=durable,
         keep_alive=ns.trailers,
     )
     driver.attach_core(core)
@@ -532,7 +533,7 @@ class BatchRunner:
         for name in CORE_COUNTERS:
             out[name] = out.get(name, 0) + cs[name]
         out["stores_held_for_loads"] = cs["held"]
-        for name in ("retries", "timeouts", "cleanup_failed", "close_errors"):
+        for name in ("retries", "timeouts", "cleanup_failed", "close_errors", "syncs"):
             out[name] = cs[name]
         out["errors"] = self.core.errors()
         out["lent_buffers"] = self.core.lent()

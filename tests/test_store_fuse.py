@@ -229,3 +229,28 @@ def test_block_file_names_match_the_backing_dir(fs: FaultFS) -> None:
 
     asyncio.run(run())
     assert block_file(fs.backing, b"seen").is_file()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+async def test_durable_stores_sync_and_a_failed_fsync_publishes_nothing(
+    fs: FaultFS, backend: str
+) -> None:
+    async with BlockStore(fs.mnt, BS, backend=backend, durable=True) as store:
+        assert store.stats()["durable"] is True
+        keys = keys_of(4, b"durable")
+        _r, bufs = filled_rows(keys, BS)
+        before = fs.calls("fsync")
+        assert await store.put_many(keys, bufs) == [Status.STORED] * 4
+        assert fs.calls("fsync") - before >= 4  # the data of each (directories: fsyncdir)
+        fs.fail("fsync", errno.EIO, match="*.tmp")
+        more = keys_of(3, b"unsynced")
+        _r2, bufs2 = filled_rows(more, BS)
+        assert await store.put_many(more, bufs2) == [Status.FAILED] * 3
+        assert store.stats()["errors"] == {"EIO": 3}
+        assert len(block_files(fs.backing)) == 4 and stray_files(fs.backing) == []
+
+
+def test_durable_must_be_a_bool(tmp_path: Path) -> None:
+    for bad in (1, "yes", None):
+        with pytest.raises(TypeError, match="durable"):
+            BlockStore(tmp_path, BS, durable=bad)  # type: ignore[arg-type]

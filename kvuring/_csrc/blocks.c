@@ -74,6 +74,9 @@ struct kvu_core *kvu_core_new(const struct kvu_core_config *cfg, struct kvu_engi
     c->how_read.resolve = resolve;
     c->how_dir.flags = O_PATH | O_DIRECTORY;
     c->how_dir.resolve = resolve;
+    /* A directory to fsync: an O_PATH descriptor cannot be synced. */
+    c->how_sync.flags = O_RDONLY | O_DIRECTORY;
+    c->how_sync.resolve = resolve;
     c->how_create.flags = O_CREAT | O_EXCL | O_WRONLY | (cfg->direct ? O_DIRECT : 0);
     c->how_create.mode = 0644;
     c->how_create.resolve = resolve;
@@ -515,7 +518,7 @@ static void start_block(struct kvu_core *c, struct kvu_batch *batch, int64_t now
     b->index = i;
     b->gen = ++c->gen;
     b->active = 1;
-    b->retries = b->made_dirs = b->exists = b->retry_after_cleanup = b->lent = 0;
+    b->retries = b->made_dirs = b->exists = b->retry_after_cleanup = b->lent = b->new_dirs = 0;
     b->fd = -1;
     b->klen = k1 - k0;
     memcpy(b->key, batch->keys + k0, b->klen);

@@ -33,9 +33,11 @@
 /*
  * ST_MAIN: a block's first chain (for a store: up to closing the temp file),
  * ST_PUBLISH: a store's close of its installed descriptor and rename,
- * ST_LENT: the cleanup of a block that already ended for its caller.
+ * ST_LENT: the cleanup of a block that already ended for its caller,
+ * ST_DIRSYNC: a durable store's fsync of the directories its rename (and
+ * any directory it made) changed.
  */
-enum stage { ST_MAIN, ST_MKDIR, ST_RENAME, ST_CLEANUP, ST_UNLINK, ST_PUBLISH, ST_LENT };
+enum stage { ST_MAIN, ST_MKDIR, ST_RENAME, ST_CLEANUP, ST_UNLINK, ST_PUBLISH, ST_LENT, ST_DIRSYNC };
 
 struct block {
     struct kvu_batch *batch;
@@ -43,7 +45,8 @@ struct block {
     uint32_t gen;
     uint8_t active, stage, nsteps, loud, retries;
     /* a store's first chain: where its steps are (NO_STEP: absent) */
-    uint8_t st_reg, st_check, st_create, st_install, st_close;
+    uint8_t st_reg, st_check, st_create, st_sync, st_install, st_close;
+    uint8_t new_dirs;            /* durable store: directories it may have made (0, 1 leaf, 2 both) */
     uint8_t made_dirs, exists, retry_after_cleanup, sent_noreplace;
     uint8_t lent;                /* ended for its caller; the kernel still has its chain */
     uint8_t line_len;
@@ -81,7 +84,7 @@ struct queue {
 struct kvu_core {
     struct kvu_core_config cfg;
     struct kvu_engine *eng;
-    struct open_how how_read, how_dir, how_create;
+    struct open_how how_read, how_dir, how_create, how_sync;
     struct block *blocks;
     unsigned *free_slots;
     unsigned nfree;

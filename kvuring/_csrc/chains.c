@@ -130,6 +130,8 @@ static void store_begin(struct kvu_core *c, struct block *b)
         /* A leaf not known to exist: check its upper directory is a real one
          * beneath the namespace, then make the leaf (EEXIST is fine, the
          * hard link runs on).  The create refuses symlinks on the whole path. */
+        if (b->new_dirs < 1)
+            b->new_dirs = 1;
         b->st_check = b->nsteps;
         kvu_push(c, b, IORING_OP_OPENAT2, L_ | S_, ns, ptr(b->upper), 0, 0, 0, ptr(&c->how_dir), slot + 1,
              R_NEGATIVE);
@@ -147,6 +149,13 @@ static void store_begin(struct kvu_core *c, struct block *b)
     kvu_push(c, b, IORING_OP_OPENAT2, L_ | S_ | A_, ns, ptr(b->tmp), 0, 0, 0, ptr(&c->how_create), slot + 1,
          R_NEGATIVE);
     push_transfer(c, b, 0, L_ | S_ | F_, 0);
+    b->st_sync = NO_STEP;
+    if (c->cfg.durable) {
+        /* No CQE_SKIP_SUCCESS: a failed fsync does not fail its request
+         * (nor break the link), so with it the error would be hidden. */
+        b->st_sync = b->nsteps;
+        kvu_push(c, b, IORING_OP_FSYNC, L_ | F_, slot, 0, 0, 0, IORING_FSYNC_DATASYNC, 0, 0, R_CANCELLED);
+    }
     if (c->cfg.fd_install) {
         /* Hard link: the slot is closed whatever the install did. */
         b->st_install = b->nsteps;
@@ -413,15 +422,60 @@ static void store_make_dirs(struct kvu_core *c, struct block *b)
     int ns = c->cfg.ns_fd;
     kvu_new_chain(c, b, ST_MKDIR);
     b->made_dirs = 1;
+    b->new_dirs = 2;
     kvu_push(c, b, IORING_OP_MKDIRAT, H_ | S_, ns, ptr(b->upper), 0, 0, 0, 0755, 0, R_CANCELLED);
     kvu_push(c, b, IORING_OP_OPENAT2, L_ | S_, ns, ptr(b->upper), 0, 0, 0, ptr(&c->how_dir), slot_of(c, b) + 1,
          R_NEGATIVE);
     kvu_push(c, b, IORING_OP_MKDIRAT, 0, ns, ptr(b->leaf), 0, 0, 0, 0755, 0, R_CANCELLED);
 }
 
+/* One directory's fsync in a ST_DIRSYNC chain: open it into the slot, sync, close. */
+static void push_dir_sync(struct kvu_core *c, struct block *b, const char *dir, int last)
+{
+    unsigned slot = slot_of(c, b);
+    kvu_push(c, b, IORING_OP_OPENAT2, L_ | S_, c->cfg.ns_fd, ptr(dir), 0, 0, 0, ptr(&c->how_sync), slot + 1,
+         R_NEGATIVE);
+    kvu_push(c, b, IORING_OP_FSYNC, H_ | F_, slot, 0, 0, 0, 0, 0, 0, R_CANCELLED);
+    kvu_push(c, b, IORING_OP_CLOSE, last ? 0 : H_ | S_, 0, 0, 0, 0, 0, 0, slot + 1, R_NEGATIVE);
+    c->st.syncs++;
+}
+
+/*
+ * A durable store's rename is done: sync the leaf, which holds the new
+ * name, and the directories above it that this store may have made (a
+ * directory's entry is durable once its parent is synced).
+ */
+static void store_sync_dirs(struct kvu_core *c, struct block *b)
+{
+    kvu_new_chain(c, b, ST_DIRSYNC);
+    push_dir_sync(c, b, b->leaf, !b->new_dirs);
+    if (b->new_dirs)
+        push_dir_sync(c, b, b->upper, b->new_dirs < 2);
+    if (b->new_dirs >= 2)
+        push_dir_sync(c, b, ".", 1);
+}
+
+static void store_synced(struct kvu_core *c, struct block *b)
+{
+    unsigned i;
+    for (i = 0; i < b->nsteps; i++) {
+        int32_t r = b->res[i];
+        if (r != NONE && r < 0) {
+            /* A directory could not be opened or synced: the block is in
+             * place, but may not survive a power cut, which is what the
+             * caller asked for. */
+            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, r));
+            return;
+        }
+    }
+    kvu_finish(c, b, KVU_STORED, 0);
+}
+
 static void store_after_rename(struct kvu_core *c, struct block *b, int32_t res)
 {
-    if (res == 0) {
+    if (res == 0 && c->cfg.durable) {
+        store_sync_dirs(c, b);
+    } else if (res == 0) {
         kvu_finish(c, b, KVU_STORED, 0);
     } else if (res == -EEXIST) {
         b->exists = 1;
@@ -500,6 +554,11 @@ static void store_main_end(struct kvu_core *c, struct block *b)
     if (install >= 0 && b->st_install != NO_STEP)
         b->fd = install;
     closed = b->res[b->st_close];
+    if (b->st_sync != NO_STEP && b->res[b->st_sync] < 0 && b->res[b->st_sync] != NONE) {
+        /* The data did not reach stable storage: never publish it. */
+        store_cleanup_or_retry(c, b, b->res[b->st_sync], 0);
+        return;
+    }
     if (install < 0 && install != NONE) {
         store_cleanup_or_retry(c, b, install, 0);
         return;
@@ -541,6 +600,9 @@ static void store_end(struct kvu_core *c, struct block *b)
         store_after_rename(c, b, res == NONE ? -ECANCELED : res);
         return;
     }
+    case ST_DIRSYNC:
+        store_synced(c, b);
+        return;
     case ST_MKDIR: {
         int32_t check = b->res[1], leaf = b->res[2];
         if (check != NONE && check < 0 && kvu_retry(c, b, check))

@@ -145,7 +145,7 @@ struct kvu_core_stats {
     uint64_t stored, exists, hits, misses, corrupt, failures, deleted;
     uint64_t bytes_written, bytes_read, bounced, held, retries, stray;
     uint64_t noreplace_fallbacks, ioprio_dropped, fixed_transfers;
-    uint64_t timeouts, cleanup_failed, close_errors;
+    uint64_t timeouts, cleanup_failed, close_errors, syncs;
     uint64_t errors[KVU_ERRNOS]; /* FAILED blocks by errno */
 };
 
@@ -169,6 +169,7 @@ struct kvu_core_config {
     int layout;                 /* KVU_LAYOUT_* */
     uint64_t timeout_ns;        /* a block's deadline after it starts; 0: none */
     int fd_install;             /* stores close through KVU_OP_FD_INSTALL (flush errors seen) */
+    int durable;                /* stores: fsync the data before the rename, the directory after */
     char suffix[8];             /* ".kvb" or ".bin" */
     char marker[64];            /* ".<writer token>." */
 };

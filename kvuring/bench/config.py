@@ -56,6 +56,7 @@ class BenchConfig:
     progress: bool
     io_timeout: float | None = 30.0
     close_check: bool = True
+    durable: bool = False
 
     def blocks_for(self, block_size: int) -> int:
         """Blocks per round and block size: at least ``bytes_per_size`` bytes, rounded up."""
@@ -84,6 +85,7 @@ class BenchConfig:
             "fixed_buffers": self.fixed_buffers,
             "io_timeout": self.io_timeout,
             "close_check": self.close_check,
+            "durable": self.durable,
             "smoke": self.smoke,
         }
 
@@ -237,6 +239,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="kvuring's io_timeout in seconds, or 'none' for no deadlines (%(default)s)",
     )
     add(
+        "--durable",
+        action="store_true",
+        help="kvuring with durable=True (fsync of the data before the rename, of the "
+        "directory after)",
+    )
+    add(
         "--no-close-check",
         action="store_true",
         help="stores close their temp file as a direct descriptor (no flush, so no close "
@@ -317,5 +325,6 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         fixed_buffers=args.fixed_buffers,
         io_timeout=args.io_timeout,
         close_check=not args.no_close_check,
+        durable=args.durable,
         progress=not args.no_progress,
     )

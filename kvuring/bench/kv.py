@@ -147,6 +147,7 @@ def _store(impl: str, root: str, block_size: int, cfg: BenchConfig) -> BlockStor
         queue_depth=cfg.queue_depth,
         fixed_buffers=cfg.fixed_buffers,
         io_timeout=cfg.io_timeout,
+        durable=cfg.durable,
     )
 
 
