@@ -10,6 +10,9 @@ and yields a :class:`FaultFS` that controls it::
         assert fs.wait_hung("create")                 # ... (one is blocked now) ...
         fs.release()                                  # ... until this; then it runs
 
+        fs.volatile()      # from now on only what is fsynced is durable ...
+        fs.power_cut()     # ... and the backing directory keeps only that; a new mount
+
 The filesystem (``python tests/faultfs.py BACKING MOUNTPOINT CONTROL``) is a
 child process on mfusepy (ctypes bindings of libfuse 3's high-level API), run
 multithreaded, so that a hung request holds one worker thread and the others
@@ -28,6 +31,7 @@ symlink matches on either of its two paths):
     access readlink mkdir rmdir unlink rename link symlink chmod chown truncate
     utimens statfs opendir readdir releasedir
     open create read write flush fsync release
+    fsyncdir (fsync(2) of a directory descriptor, io_uring's IORING_OP_FSYNC too)
     lock     (flock(2) only; POSIX fcntl locks stay in the kernel, which
               keeps them correctly for one machine)
 
@@ -57,6 +61,50 @@ counts one).  libfuse 3.14 does not ask for parallel directory operations
 either, so there a hung lookup (getattr) or readdir blocks the other lookups
 in its directory too.  Names looked up before stay usable.
 
+Power cuts.  ``FaultFS.volatile()`` switches the mount to volatile mode: the
+daemon keeps a model of what would survive a power failure, and
+``FaultFS.power_cut()`` then makes the backing directory just that.  The model
+is strict, like a careful reading of POSIX (ext4 without auto_da_alloc, and
+none of the journal's luck of committing more than was asked for):
+
+- The tree as it is when volatile mode goes on is durable, whole.
+- A file's data (content and size) is durable as of its last fsync(2) or
+  fdatasync(2) (FUSE sends both as its fsync, io_uring's too); what was
+  written or truncated since is lost.  A file made since volatile mode went
+  on and never fsynced comes back empty.  An fsync makes no name durable.
+- A directory's entries (names -> files, directories, symlinks; what create,
+  mkdir, symlink, link, rename, unlink, rmdir change) are durable as of its
+  last fsync(2) on a descriptor of it (fsyncdir); the cut brings back that
+  list, each name with its object's durable content.  So a rename not
+  followed by an fsync of its directory is undone: the old name comes back
+  if it was durable (a temp name never fsynced into its directory does not),
+  and the target is what it was (its old file, or absent).  An unlink or
+  rmdir not made durable comes back.  A new directory starts empty.
+- A directory is only there if its own name is durable in its parent, and so
+  on up to the root: a new leaf (mkdir) whose parent was not fsynced after it
+  vanishes with all it holds, fsynced files and fsynced leaf included.  A
+  store that makes leaves must fsync each new one's parent.
+- Each directory of a cross-directory rename is its own: made durable in one
+  only, the object shows under both names (a file as two hard links; a
+  directory in the first place found) or under neither.
+- Hard links and symlinks are kept; modes are those at creation or at the
+  last fsync; times are not kept; FIFOs, sockets and devices are dropped.
+  sync(2) and syncfs(2) make nothing durable (libfuse's high-level API has
+  no operation for them).  The model follows what is done through the mount: do
+  not change the backing directory by hand in volatile mode.
+
+``power_cut()`` works with a store open or closed, requests hung or not: it
+freezes the model (from then on every request fails with EIO and nothing
+more becomes durable; an fsync either made it before or fails), aborts the
+connection as teardown does (requests in flight fail with ECONNABORTED,
+later ones ENOTCONN, so every descriptor opened before, directories' too, is
+dead: a store opened before the cut can only be closed), kills the daemon,
+rewrites the backing directory to the model, and mounts a fresh daemon at the
+same ``fs.mnt``.  That one starts in volatile mode on the new tree, with no
+rules and counters at zero.  ``volatile(False)`` ends the tracking (the tree
+stays as it is); fsync and fsyncdir reach the backing files again.  Files are
+copied whole at each fsync: the model is for small test trees.
+
 Teardown (``FaultFS.close``, run by ``fault_fs`` on exit) never waits on the
 mount: it drops the rules, aborts the FUSE connection through fusectl (every
 request in flight fails with ECONNABORTED, later ones ENOTCONN), detaches the mount
@@ -66,6 +114,7 @@ exits when its parent dies, so a killed pytest leaves neither behind.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import ctypes.util
@@ -76,6 +125,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -115,6 +165,7 @@ OPS = frozenset(
         "write",
         "flush",
         "fsync",
+        "fsyncdir",
         "release",
         "lock",
     ]
@@ -168,12 +219,25 @@ class _Faults:
         self.calls: Counter[str] = Counter()
         self.hung: Counter[str] = Counter()
         self.ready = False  # set by FUSE's init: the mount is live
+        self.durable: _Durable | None = None
+
+    def command(self, req: dict[str, Any]) -> Any:
+        cmd = req["cmd"]
+        if cmd in ("volatile", "power_cut"):  # (not under cond: the model has its own lock)
+            assert self.durable is not None
+            if cmd == "volatile":
+                self.durable.switch(bool(req["on"]))
+                return None
+            return self.durable.cut_now()
+        return self._command(req)
 
     def gate(self, op: str, *paths: str | None) -> None:
         """Count the request, then apply the newest rule for it: fail it, hang it, or nothing."""
         names = [p.lstrip("/") for p in paths if p is not None]
         with self.cond:
             self.calls[op] += 1
+            if self.durable is not None and self.durable.cut:
+                raise OSError(errno.EIO, "faultfs: after the power cut")
             rule = next(
                 (
                     r
@@ -198,7 +262,7 @@ class _Faults:
             finally:
                 self.hung[op] -= 1
 
-    def command(self, req: dict[str, Any]) -> Any:
+    def _command(self, req: dict[str, Any]) -> Any:
         cmd = req["cmd"]
         with self.cond:
             if cmd in ("hang", "fail"):
@@ -228,6 +292,140 @@ class _Faults:
             else:
                 raise ValueError(f"unknown command {cmd!r}")
         return None
+
+
+class _Durable:
+    """Volatile mode's model: what a power cut would leave (module docstring, "Power cuts").
+
+    Objects (files, directories, symlinks) have ids of their own: backing inode
+    numbers are reused once freed, and a durable entry may name an inode long
+    gone.  ``ids`` maps the live backing inodes to them; ``objects`` holds each
+    id's durable state: ``{"kind": "f", "mode", "data"}``, ``{"kind": "d",
+    "mode", "entries": {name: id}}`` or ``{"kind": "l", "target"}``.  A file's
+    data is copied at each fsync, a directory's entries listed at each fsyncdir;
+    an object made since volatile mode went on starts empty.  ``lock`` is taken
+    by every namespace operation of the mount (``tracking``), so a listing sees
+    each rename whole.
+    """
+
+    def __init__(self, backing: str) -> None:
+        self.backing = backing
+        self.lock = threading.Lock()
+        self.on = False
+        self.cut = False  # power_cut has run: every request fails, nothing more is durable
+        self.next_id = 0
+        self.root = -1
+        self.ids: dict[int, int] = {}
+        self.objects: dict[int, dict[str, Any]] = {}
+
+    @contextlib.contextmanager
+    def tracking(self) -> Iterator[bool]:
+        """Hold the lock while volatile mode is on; yield whether it is."""
+        with self.lock:
+            if self.on:
+                yield True
+                return
+        yield False
+
+    def switch(self, on: bool) -> None:
+        with self.lock:
+            self.ids, self.objects = {}, {}
+            self.on = on
+            if on:  # the tree as it is now counts as durable
+                self.root = self._snapshot(self.backing)
+
+    def _snapshot(self, path: str) -> int:
+        st = os.lstat(path)
+        known = self.ids.get(st.st_ino)
+        if known is not None:  # a second hard link
+            return known
+        oid = self._new(st)
+        obj = self.objects[oid]
+        if obj["kind"] == "d":
+            for name in sorted(os.listdir(path)):
+                child = self._snapshot(os.path.join(path, name))
+                if child >= 0:
+                    obj["entries"][name] = child
+        elif obj["kind"] == "f":
+            with open(path, "rb") as f:
+                obj["data"] = f.read()
+        elif obj["kind"] == "l":
+            obj["target"] = os.readlink(path)
+        return oid
+
+    def _new(self, st: os.stat_result, target: str = "") -> int:
+        """A fresh, empty object for the backing inode ``st`` (-1: a kind not kept)."""
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISREG(st.st_mode):
+            obj: dict[str, Any] = {"kind": "f", "mode": mode, "data": b""}
+        elif stat.S_ISDIR(st.st_mode):
+            obj = {"kind": "d", "mode": mode, "entries": {}}
+        elif stat.S_ISLNK(st.st_mode):
+            obj = {"kind": "l", "target": target}
+        else:  # FIFOs, sockets, devices: not kept
+            return -1
+        oid = self.next_id
+        self.next_id += 1
+        self.ids[st.st_ino] = oid
+        self.objects[oid] = obj
+        return oid
+
+    def _id(self, st: os.stat_result, target: str = "") -> int:
+        oid = self.ids.get(st.st_ino)
+        # An inode not made through the mount (or a kind not kept): new and empty.
+        return self._new(st, target) if oid is None else oid
+
+    def created(self, real: str, before: int | None) -> None:
+        """``real`` was just made (tracking() held); ``before``: the inode it had before, if any."""
+        st = os.lstat(real)
+        if st.st_ino != before:  # (a create that opened an existing file makes nothing)
+            self._new(st, os.readlink(real) if stat.S_ISLNK(st.st_mode) else "")
+
+    def _check_cut(self) -> None:
+        if self.cut:
+            raise OSError(errno.EIO, "faultfs: after the power cut")
+
+    def file_synced(self, fd: int) -> None:
+        """fsync(2) of the backing file ``fd``: its data now is durable (tracking() held)."""
+        self._check_cut()
+        st = os.fstat(fd)
+        oid = self._id(st)
+        if oid < 0:
+            return
+        # The descriptor may be write-only: read through a new one.
+        with open(f"/proc/self/fd/{fd}", "rb") as f:
+            self.objects[oid].update(mode=stat.S_IMODE(st.st_mode), data=f.read())
+
+    def dir_synced(self, fd: int) -> None:
+        """fsync(2) of the backing directory ``fd``: its entries now are durable (tracking() held)."""
+        self._check_cut()
+        oid = self._id(os.fstat(fd))
+        dfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            entries = {}
+            for name in sorted(os.listdir(dfd)):
+                st = os.lstat(name, dir_fd=dfd)
+                target = os.readlink(name, dir_fd=dfd) if stat.S_ISLNK(st.st_mode) else ""
+                child = self._id(st, target)
+                if child >= 0:
+                    entries[name] = child
+        finally:
+            os.close(dfd)
+        self.objects[oid]["entries"] = entries
+
+    def cut_now(self) -> dict[str, Any]:
+        """The power cut: freeze the model and return it, as JSON (data in base64)."""
+        with self.lock:
+            if not self.on:
+                raise ValueError("power_cut needs volatile mode (FaultFS.volatile())")
+            self.cut = True
+            objects = {}
+            for oid, obj in self.objects.items():
+                out = dict(obj)
+                if "data" in out:
+                    out["data"] = base64.b64encode(out["data"]).decode()
+                objects[str(oid)] = out
+            return {"root": self.root, "objects": objects}
 
 
 def _serve_control(faults: _Faults, name: str) -> None:
@@ -273,9 +471,10 @@ class _Passthrough:
 
     use_ns = True  # times in nanoseconds (mfusepy warns otherwise)
 
-    def __init__(self, backing: str, faults: _Faults) -> None:
+    def __init__(self, backing: str, faults: _Faults, durable: _Durable) -> None:
         self.backing = backing
         self.faults = faults
+        self.durable = durable
         self.paths: dict[int, str] = {}  # fd -> path at open: for requests that come without one
 
     def _real(self, path: str) -> str:
@@ -324,36 +523,50 @@ class _Passthrough:
 
     def mkdir(self, path: str, mode: int) -> None:
         self.faults.gate("mkdir", path)
-        os.mkdir(self._real(path), mode)
+        with self.durable.tracking() as on:
+            os.mkdir(self._real(path), mode)
+            if on:
+                self.durable.created(self._real(path), None)
 
     def rmdir(self, path: str) -> None:
         self.faults.gate("rmdir", path)
-        os.rmdir(self._real(path))
+        with self.durable.tracking():
+            os.rmdir(self._real(path))
 
     def unlink(self, path: str) -> None:
         self.faults.gate("unlink", path)
-        os.unlink(self._real(path))
+        with self.durable.tracking():
+            os.unlink(self._real(path))
 
     def rename(self, old: str, new: str, flags: int = 0) -> None:
         self.faults.gate("rename", old, new)
         if flags & RENAME_NOREPLACE and self.faults.noreplace_rejected:
             raise OSError(errno.EINVAL, "RENAME_NOREPLACE rejected (reject_noreplace)")
         at_fdcwd = -100
-        res = _libc.renameat2(
-            at_fdcwd, os.fsencode(self._real(old)), at_fdcwd, os.fsencode(self._real(new)), flags
-        )
-        _check(res, "renameat2")
+        with self.durable.tracking():
+            res = _libc.renameat2(
+                at_fdcwd,
+                os.fsencode(self._real(old)),
+                at_fdcwd,
+                os.fsencode(self._real(new)),
+                flags,
+            )
+            _check(res, "renameat2")
         for fd, path in list(self.paths.items()):  # open files keep matching by name
             if path == old:
                 self.paths[fd] = new
 
     def link(self, target: str, source: str) -> None:  # mfusepy: (new name, existing file)
         self.faults.gate("link", target, source)
-        os.link(self._real(source), self._real(target))
+        with self.durable.tracking():
+            os.link(self._real(source), self._real(target))
 
     def symlink(self, target: str, source: str) -> None:  # (link's name, what it points to)
         self.faults.gate("symlink", target, source)
-        os.symlink(source, self._real(target))
+        with self.durable.tracking() as on:
+            os.symlink(source, self._real(target))
+            if on:
+                self.durable.created(self._real(target), None)
 
     def chmod(self, path: str, mode: int) -> None:
         self.faults.gate("chmod", path)
@@ -443,7 +656,16 @@ class _Passthrough:
     def create(self, path: str, mode: int, fi: Any) -> None:
         self.faults.gate("create", path)
         flags = (fi.flags & ~os.O_DIRECT) | os.O_CREAT | os.O_CLOEXEC
-        self._opened(fi, path, os.open(self._real(path), flags, mode))
+        real = self._real(path)
+        with self.durable.tracking() as on:
+            before = None
+            if on:
+                with contextlib.suppress(OSError):
+                    before = os.lstat(real).st_ino
+            fd = os.open(real, flags, mode)
+            if on:
+                self.durable.created(real, before)
+        self._opened(fi, path, fd)
 
     def read(self, path: str | None, size: int, offset: int, fi: Any) -> bytes:
         self._gate_fh("read", path, fi.fh)
@@ -458,7 +680,20 @@ class _Passthrough:
 
     def fsync(self, path: str | None, datasync: int, fi: Any) -> None:
         self._gate_fh("fsync", path, fi.fh)
+        with self.durable.tracking() as on:
+            if on:  # (fdatasync too: the model keeps data and size alike)
+                self.durable.file_synced(fi.fh)
+                return
         (os.fdatasync if datasync else os.fsync)(fi.fh)
+
+    def fsyncdir(self, path: str | None, datasync: int, fh: int) -> None:
+        """fsync(2) of a directory descriptor (mfusepy passes the opendir handle, not fi)."""
+        self._gate_fh("fsyncdir", path, fh)
+        with self.durable.tracking() as on:
+            if on:
+                self.durable.dir_synced(fh)
+                return
+        os.fsync(fh)
 
     def flock(self, path: str | None, fi: Any, op: int) -> None:
         # The backing descriptor is this open file's alone, so flock's
@@ -509,10 +744,11 @@ def _daemon(backing: str, mnt: str, control: str) -> int:
             return self.operations.truncate(name, length, fip.contents if fip else None)
 
     faults = _Faults()
+    faults.durable = durable = _Durable(os.path.abspath(backing))
     parent = int(os.environ.get("FAULTFS_PARENT", os.getppid()))
     threading.Thread(target=_exit_with_parent, args=(parent, mnt), daemon=True).start()
     threading.Thread(target=_serve_control, args=(faults, control), daemon=True).start()
-    ops = _Passthrough(os.path.abspath(backing), faults)
+    ops = _Passthrough(os.path.abspath(backing), faults, durable)
     try:
         FUSE3(
             ops,
@@ -598,6 +834,7 @@ class FaultFS:
         self._io: Any = None
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
+        self._volatile = False
 
     # -- commands ----------------------------------------------------------
 
@@ -620,6 +857,29 @@ class FaultFS:
     def clear(self) -> None:
         """All rules go (reject_noreplace too); hung requests go on."""
         self._call("clear")
+
+    def volatile(self, on: bool = True) -> None:
+        """Track what is durable from now on (the tree as it is counts as durable); see "Power cuts".
+
+        Off: nothing is tracked, fsync and fsyncdir reach the backing files again.
+        """
+        self._call("volatile", on=on)
+        self._volatile = on
+
+    def power_cut(self) -> None:
+        """Cut the power: the backing directory becomes what was durable; a fresh mount follows.
+
+        Needs volatile mode.  Every request of the old mount fails (in flight:
+        ECONNABORTED, later ENOTCONN: descriptors opened before stay dead);
+        rules and counters start anew; the new mount is volatile again, its
+        tree (all of it durable) the starting point.
+        """
+        image = self._call("power_cut")  # (from now on every request fails with EIO)
+        self._stop()
+        _rebuild(self.backing, image)
+        self._control = f"kvuring-faultfs-{os.getpid()}-{uuid.uuid4().hex}"
+        self.mount()
+        self.volatile(True)
 
     def calls(self, op: str) -> int:
         """Requests of ``op`` seen so far (failed and hung ones included)."""
@@ -711,6 +971,9 @@ class FaultFS:
         if self._io is not None:
             with contextlib.suppress(OSError, ValueError):
                 self.clear()
+        self._stop()
+
+    def _stop(self) -> None:
         self._drop_control()
         dev = _mount_dev(self.mnt)
         if dev is not None:
@@ -721,6 +984,43 @@ class FaultFS:
                 self._proc.send_signal(signal.SIGKILL)  # hung threads cannot be joined
             self._proc.wait(timeout=10)
             self._proc = None
+
+
+def _rebuild(backing: Path, image: dict[str, Any]) -> None:
+    """Make ``backing`` the durable tree of ``image`` (from ``_Durable.cut_now``)."""
+    for name in os.listdir(backing):
+        path = backing / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    objects: dict[str, dict[str, Any]] = image["objects"]
+    files: dict[int, Path] = {}  # id -> its first name: hard links
+    dirs = {image["root"]}
+    modes: list[tuple[Path, int]] = []  # directories' modes, set last (children first)
+
+    def fill(path: Path, oid: int) -> None:
+        for name, child in objects[str(oid)]["entries"].items():
+            obj, where = objects[str(child)], path / name
+            if obj["kind"] == "d":
+                if child in dirs:  # (a directory durable in two places: the first one)
+                    continue
+                dirs.add(child)
+                where.mkdir(mode=0o700)
+                fill(where, child)
+                modes.append((where, obj["mode"]))
+            elif obj["kind"] == "l":
+                os.symlink(obj["target"], where)
+            elif child in files:
+                os.link(files[child], where)
+            else:
+                files[child] = where
+                where.write_bytes(base64.b64decode(obj["data"]))
+                os.chmod(where, obj["mode"])
+
+    fill(backing, image["root"])
+    for path, mode in modes:
+        os.chmod(path, mode)
 
 
 @contextlib.contextmanager
