@@ -91,7 +91,9 @@ def store_stats(
         spread_reads=ns.spread_reads,
         fixed_buffers_active=fixed_ready,
         io_timeout=core.timeout if core is not None else None,
-        close_errors_checked=core.fd_install if core is not None else None,
+        close_errors_checked=(core.fd_install or core.engine.name == "threads")
+        if core is not None
+        else None,
         durable=core.durable if core is not None else None,
     )
     if fixed is not None:

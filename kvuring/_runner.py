@@ -122,9 +122,12 @@ def start_core(
         marker=tmp_suffix(ns.writer.token),
         layout=core_api.LAYOUT_OF[ns.layout],
         timeout=io_timeout,
-        # KVURING_CLOSE_CHECK=0: close temp files as direct descriptors (no
-        # flush, no close errors seen); only for measuring what the check costs
-        fd_install=bool(engine.features.get("fd_install"))
+        # The ring closes a store's temp file through an installed plain fd,
+        # so that the filesystem's flush runs; the thread engine's slots are
+        # plain fds already, and closing one reports its flush.
+        # KVURING_CLOSE_CHECK=0 turns the ring's check off (for measuring).
+        fd_install=engine.name == "uring"
+        and bool(engine.features.get("fd_install"))
         and os.environ.get("KVURING_CLOSE_CHECK", "1") != "0",
         durable=durable,
         keep_alive=ns.trailers,
