@@ -249,7 +249,8 @@ class Namespace:
         for name in ("reg_fd", "ns_fd"):
             fd = getattr(self, name)
             if fd >= 0:
-                os.close(fd)
+                with contextlib.suppress(OSError):  # released even on error
+                    os.close(fd)
                 setattr(self, name, -1)
         if self.trailers_pin is not None:
             b.ffi.release(self.trailers_pin)

@@ -85,7 +85,10 @@ class WriterRegistration:
         if os.getpid() == self.pid and not keep:
             with contextlib.suppress(OSError):
                 os.unlink(self.lock_name, dir_fd=self.dir_fd)
-        os.close(self.fd)
+        # Linux releases the descriptor even when close reports an error (a
+        # dead FUSE connection's flush): nothing to retry.
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
         self.fd = -1
 
 

@@ -230,6 +230,7 @@ def _store(a: dict[str, Any]) -> BlockStore:
         direct=a.get("direct", "auto"),
         verify=a.get("verify", True),
         fixed_buffers=a.get("fixed_buffers", False),
+        durable=a.get("durable", False),
     )
 
 

@@ -99,16 +99,18 @@ async def test_live_writers_temp_files_are_left_alone_dead_ones_removed(
 
 
 @ONE_LOOP
+@pytest.mark.parametrize("durable", [False, True])
 async def test_sigkill_during_put_many_leaves_no_partial_block(
-    disk_root: Path, backend: str
+    disk_root: Path, backend: str, durable: bool
 ) -> None:
-    """Kill a writer mid-batch: reported blocks load intact, others are intact or absent."""
+    """Kill a writer mid-batch: reported blocks load intact, others are intact or absent
+    (also with durable=True: the syncs between write, rename and directory change nothing)."""
     root = disk_root
     bs, batch = 16 * 1024, 64
     rng = random.Random()
     kill_after = rng.randint(3, 6)
     args = {"root": str(root), "bs": bs, "backend": backend, "batch": batch,
-            "batches": 400, "start": 0}  # fmt: skip
+            "batches": 400, "start": 0, "durable": durable}  # fmt: skip
     reported: set[bytes] = set()
     batches_seen = 0
     async with opened(root, bs, backend, direct=False, clean=False) as reader:
