@@ -172,16 +172,27 @@ class BlockCore:
         fd_install: bool = False,
         durable: bool = False,
         keep_alive: object = None,
+        root_id: int = 0,
+        extra_roots: Sequence[tuple[int, int, bool, int, int]] | None = None,
     ) -> None:
         if len(marker) >= 64 or len(suffix) >= 8:
             raise ValueError("temp-file marker or suffix too long")
         cfg = ffi.new("struct kvu_core_config *")
-        cfg.ns_fd = ns_fd
-        cfg.reg_fd = reg_fd
+        roots = extra_roots or []
+        if 1 + len(roots) > lib.KVU_MAX_ROOTS:
+            raise ValueError(f"at most {lib.KVU_MAX_ROOTS} roots")
+        for i, (fd, reg, dio, align, rid) in enumerate(
+            [(ns_fd, reg_fd, direct, mem_align, root_id), *roots]
+        ):
+            root = cfg.roots[i]
+            root.ns_fd = fd
+            root.reg_fd = reg
+            root.direct = int(dio)
+            root.mem_align = max(1, align)
+            root.id = rid
+        cfg.nroots = 1 + len(roots)
         cfg.block_size = block_size
         cfg.verify = int(verify)
-        cfg.direct = int(direct)
-        cfg.mem_align = max(1, mem_align)
         cfg.slots = slots
         cfg.slot_base = engine.core_slot_base
         cfg.skip_success = b.SQE_CQE_SKIP_SUCCESS

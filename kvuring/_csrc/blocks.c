@@ -49,6 +49,7 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <xxhash.h>
 
 /* ------------------------------------------------------------------------ */
 /* life cycle                                                               */
@@ -66,24 +67,34 @@ struct kvu_core *kvu_core_new(const struct kvu_core_config *cfg, struct kvu_engi
     uint64_t resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
     if (!c)
         return NULL;
+    if (!cfg->nroots || cfg->nroots > KVU_MAX_ROOTS) {
+        free(c);
+        return NULL;
+    }
     c->cfg = *cfg;
     c->eng = engine;
     c->file_size = cfg->block_size + (cfg->verify ? KVU_TRAILER_SIZE : 0);
     /* No O_CLOEXEC on direct-descriptor opens: the kernel rejects it. */
-    c->how_read.flags = O_RDONLY | (cfg->direct ? O_DIRECT : 0);
-    c->how_read.resolve = resolve;
+    for (i = 0; i < cfg->nroots; i++) {
+        const struct kvu_root_config *r = &cfg->roots[i];
+        c->how_read[i].flags = O_RDONLY | (r->direct ? O_DIRECT : 0);
+        c->how_read[i].resolve = resolve;
+        c->how_create[i].flags = O_CREAT | O_EXCL | O_WRONLY | (r->direct ? O_DIRECT : 0);
+        c->how_create[i].mode = 0644;
+        c->how_create[i].resolve = resolve;
+        if (r->direct && r->mem_align > c->max_align)
+            c->max_align = r->mem_align;
+    }
     c->how_dir.flags = O_PATH | O_DIRECTORY;
     c->how_dir.resolve = resolve;
     /* A directory to fsync: an O_PATH descriptor cannot be synced. */
     c->how_sync.flags = O_RDONLY | O_DIRECTORY;
     c->how_sync.resolve = resolve;
-    c->how_create.flags = O_CREAT | O_EXCL | O_WRONLY | (cfg->direct ? O_DIRECT : 0);
-    c->how_create.mode = 0644;
-    c->how_create.resolve = resolve;
     c->blocks = calloc(cfg->slots, sizeof *c->blocks);
     c->free_slots = malloc(cfg->slots * sizeof *c->free_slots);
-    c->leaf_ready = calloc(leaf_bitmap_bytes(cfg), 1);
-    c->leaf_noted = calloc(leaf_bitmap_bytes(cfg), 1);
+    c->leaf_bytes = leaf_bitmap_bytes(cfg);
+    c->leaf_ready = calloc(c->leaf_bytes, cfg->nroots);
+    c->leaf_noted = calloc(c->leaf_bytes, cfg->nroots);
     c->rcap = 1024;
     c->rud = malloc(c->rcap * sizeof *c->rud);
     c->rres = malloc(c->rcap * sizeof *c->rres);
@@ -214,6 +225,7 @@ int kvu_core_set_spans(struct kvu_core *c, const uint64_t *spans, unsigned n)
 /* ------------------------------------------------------------------------ */
 
 static void drop_unstarted(struct kvu_core *c, struct kvu_batch *b, int32_t err);
+static int move_on(struct kvu_core *c, struct block *b, int *status, int32_t *error);
 
 static int64_t now_ns(void)
 {
@@ -264,6 +276,16 @@ void kvu_finish(struct kvu_core *c, struct block *b, int status, int32_t error)
 {
     struct kvu_batch *batch = b->batch;
     uint64_t bs = c->cfg.block_size;
+    if (c->cfg.nroots > 1 && move_on(c, b, &status, &error))
+        return;
+    if (status == KVU_STORED || status == KVU_HIT) {
+        struct kvu_root_stats *r = &c->roots[b->root];
+        r->down = 0;
+        if (status == KVU_STORED)
+            r->stored++;
+        else
+            r->hits++;
+    }
     batch->status[b->index] = status;
     batch->error[b->index] = error;
     switch (status) {
@@ -322,6 +344,132 @@ int32_t kvu_fail(struct kvu_core *c, int32_t res)
     if (-res > 0 && -res < KVU_ERRNOS)
         c->st.errors[-res]++;
     return -res;
+}
+
+/* ------------------------------------------------------------------------ */
+/* several roots                                                            */
+/* ------------------------------------------------------------------------ */
+
+/* Errors (positive errnos) that say the root itself is failing -- its
+ * device, its mount, its server -- not this block: the root is skipped for
+ * a while. */
+int kvu_root_failure(int32_t err)
+{
+    switch (err) {
+    case EIO: case ETIMEDOUT: case ENOTCONN: case ECONNABORTED: case ENODEV: case ENXIO:
+    case EROFS: case EHOSTDOWN: case EHOSTUNREACH: case ESHUTDOWN: case ENOMEDIUM:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+#define ROOT_RETRY_NS 2000000000LL /* a failing root is tried again after 2 s */
+
+void kvu_root_failed(struct kvu_core *c, unsigned root, int32_t err)
+{
+    struct kvu_root_stats *r = &c->roots[root];
+    r->down = 1;
+    r->last_error = err;
+    r->retry_at = now_ns() + ROOT_RETRY_NS;
+    r->failures++;
+}
+
+static int root_usable(const struct kvu_core *c, unsigned root, int64_t *now)
+{
+    const struct kvu_root_stats *r = &c->roots[root];
+    if (!r->down)
+        return 1;
+    if (!*now)
+        *now = now_ns();
+    return *now >= r->retry_at; /* time to try it again: this block is the probe */
+}
+
+/* The first usable root at rank position `from` or after: b->root; 1, or 0 if none. */
+int kvu_pick_root(struct kvu_core *c, struct block *b, unsigned from)
+{
+    int64_t now = 0;
+    unsigned i;
+    for (i = from; i < b->nrank; i++) {
+        if (root_usable(c, b->rank[i], &now)) {
+            b->pos = (uint8_t)i;
+            b->root = b->rank[i];
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Rank the roots for a key: highest xxh3(key, seed = root id) first. */
+unsigned kvu_rank_roots(const struct kvu_core_config *cfg, const uint8_t *key, unsigned klen,
+                        uint8_t *rank)
+{
+    uint64_t score[KVU_MAX_ROOTS];
+    unsigned i, j, n = cfg->nroots;
+    for (i = 0; i < n; i++) {
+        uint64_t s = n > 1 ? XXH3_64bits_withSeed(key, klen, cfg->roots[i].id) : 0;
+        for (j = i; j > 0 && score[j - 1] < s; j--) {
+            score[j] = score[j - 1];
+            rank[j] = rank[j - 1];
+        }
+        score[j] = s;
+        rank[j] = (uint8_t)i;
+    }
+    return n;
+}
+
+/*
+ * Whether a block that ended on one root goes on to its next root instead:
+ * a store whose root is failing or full, a load or presence check that did
+ * not find it there (it may have been stored before a root was added, or
+ * while its first root was failing), a delete (a key may be on several).
+ */
+static int move_on(struct kvu_core *c, struct block *b, int *status, int32_t *error)
+{
+    int kind = b->batch->kind;
+    int failing = *status == KVU_FAILED && kvu_root_failure(*error);
+    unsigned from = b->pos + 1u;
+    if (failing)
+        kvu_root_failed(c, b->root, *error);
+    if (b->batch->cancelled || from >= b->nrank)
+        goto last;
+    if (kind == KVU_STORE && !(failing || (*status == KVU_FAILED &&
+                                           (*error == ENOSPC || *error == EDQUOT))))
+        return 0;
+    if (kind == KVU_LOAD && *status != KVU_MISS && !failing)
+        return 0;
+    if (kind == KVU_STAT && *status != KVU_ABSENT && !failing)
+        return 0;
+    if (kind == KVU_DELETE && *status == KVU_FAILED && !failing)
+        goto last;
+    if (!kvu_pick_root(c, b, from))
+        goto last;
+    if (failing) {
+        /* counted against the root, not the block */
+        c->st.failures--;
+        if (*error < KVU_ERRNOS)
+            c->st.errors[*error]--;
+        b->tried_failed = 1;
+        b->root_error = *error;
+    }
+    if (kind == KVU_DELETE && *status == KVU_PRESENT)
+        b->exists = 1; /* removed from one root: PRESENT whatever the others say */
+    c->roots[b->rank[from - 1]].moved_on++;
+    b->made_dirs = b->retry_after_cleanup = 0;
+    if (kind != KVU_DELETE)
+        b->exists = 0;
+    kvu_begin(c, b);
+    return 1;
+last:
+    if (kind == KVU_DELETE && b->exists && *status != KVU_PRESENT) {
+        *status = KVU_PRESENT;
+        *error = 0;
+    } else if ((kind == KVU_LOAD && *status == KVU_MISS) && b->tried_failed) {
+        /* a root that may hold it failed: not a plain miss */
+        *status = KVU_FAILED;
+        *error = kvu_fail(c, -b->root_error);
+    }
+    return 0;
 }
 
 /* Ask the kernel to cancel every step of the block's chain (best effort: a
@@ -394,6 +542,8 @@ static void expire(struct kvu_core *c, int64_t now)
         if (b->deadline > now)
             break;
         c->st.timeouts++;
+        if (c->cfg.nroots > 1)
+            kvu_root_failed(c, b->root, ETIMEDOUT);
         lend(c, b, ETIMEDOUT);
     }
     if (c->unstarted && !c->nfree && c->lent == c->cfg.slots) {
@@ -781,4 +931,9 @@ unsigned kvu_core_released(struct kvu_core *c, uint64_t *ids, unsigned max)
     memmove(c->released, c->released + n, (c->nreleased - n) * sizeof *ids);
     c->nreleased -= n;
     return n;
+}
+
+const struct kvu_root_stats *kvu_core_root(const struct kvu_core *c, unsigned root)
+{
+    return root < c->cfg.nroots ? &c->roots[root] : NULL;
 }

@@ -49,6 +49,11 @@ struct block {
     uint8_t new_dirs;            /* durable store: directories it may have made (0, 1 leaf, 2 both) */
     uint8_t made_dirs, exists, retry_after_cleanup, sent_noreplace;
     uint8_t lent;                /* ended for its caller; the kernel still has its chain */
+    uint8_t root;                /* the root this block's chains go to */
+    uint8_t nrank, pos;          /* its roots in rank order, and which one it is at */
+    uint8_t rank[KVU_MAX_ROOTS];
+    uint8_t tried_failed;        /* a load or check found a root failing on the way */
+    int32_t root_error;
     uint8_t line_len;
     uint8_t ntransfer;           /* transfer steps in the chain: 1, or 2 with registered buffers */
     uint8_t hashed;              /* load: the engine computed `computed` (KVU_OP_CHECKSUM) */
@@ -84,12 +89,15 @@ struct queue {
 struct kvu_core {
     struct kvu_core_config cfg;
     struct kvu_engine *eng;
-    struct open_how how_read, how_dir, how_create, how_sync;
+    struct open_how how_read[KVU_MAX_ROOTS], how_create[KVU_MAX_ROOTS], how_dir, how_sync;
+    struct kvu_root_stats roots[KVU_MAX_ROOTS];
+    unsigned max_align;           /* the largest O_DIRECT memory alignment of the roots */
     struct block *blocks;
     unsigned *free_slots;
     unsigned nfree;
-    uint8_t *leaf_ready;          /* bitmap over the leaves (leaf_index): known to exist */
-    uint8_t *leaf_noted;          /* bitmap: in the writer registry */
+    uint8_t *leaf_ready;          /* bitmaps over the leaves (leaf_index), one per root: known to exist */
+    uint8_t *leaf_noted;          /* ... in the root's writer registry */
+    size_t leaf_bytes;            /* one root's bitmap */
     struct queue fast;            /* loads, stats, deletes */
     struct queue stores;
     unsigned loads;               /* load blocks added and not finished (the gate) */
@@ -148,6 +156,21 @@ static inline void leaf_mark(uint8_t *map, unsigned index)
 
 static inline uint64_t ptr(const void *p) { return (uint64_t)(uintptr_t)p; }
 
+static inline int ns_of(const struct kvu_core *c, const struct block *b)
+{
+    return c->cfg.roots[b->root].ns_fd;
+}
+
+static inline uint8_t *ready_map(const struct kvu_core *c, const struct block *b)
+{
+    return c->leaf_ready + c->leaf_bytes * b->root;
+}
+
+static inline uint8_t *noted_map(const struct kvu_core *c, const struct block *b)
+{
+    return c->leaf_noted + c->leaf_bytes * b->root;
+}
+
 /* Whether a store's trailer is packed by the thread engine's worker (KVU_OP_SEAL). */
 static inline int sealed_by_worker(const struct kvu_core *c, const struct kvu_batch *batch)
 {
@@ -166,6 +189,9 @@ KVU_HIDDEN int32_t kvu_fail(struct kvu_core *c, int32_t res);
 KVU_HIDDEN int kvu_retry(struct kvu_core *c, struct block *b, int32_t res);
 KVU_HIDDEN void kvu_release(struct kvu_core *c, struct block *b);
 KVU_HIDDEN void kvu_end_lent(struct kvu_core *c, struct block *b);
+KVU_HIDDEN int kvu_root_failure(int32_t err);
+KVU_HIDDEN void kvu_root_failed(struct kvu_core *c, unsigned root, int32_t err);
+KVU_HIDDEN int kvu_pick_root(struct kvu_core *c, struct block *b, unsigned from);
 
 /* chains.c */
 KVU_HIDDEN int kvu_prepare(struct kvu_core *c, struct block *b);

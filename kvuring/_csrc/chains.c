@@ -92,7 +92,7 @@ static void load_begin(struct kvu_core *c, struct block *b)
 {
     unsigned slot = slot_of(c, b);
     kvu_new_chain(c, b, ST_MAIN);
-    kvu_push(c, b, IORING_OP_OPENAT2, L_ | S_ | c->cfg.open_flags, c->cfg.ns_fd, ptr(b->path), 0, 0, 0, ptr(&c->how_read),
+    kvu_push(c, b, IORING_OP_OPENAT2, L_ | S_ | c->cfg.open_flags, ns_of(c, b), ptr(b->path), 0, 0, 0, ptr(&c->how_read[b->root]),
          slot + 1, R_NEGATIVE);
     /* Hard link: the close runs whatever the read did, so the slot is freed. */
     push_transfer(c, b, 1, H_ | S_ | F_ | c->cfg.read_flags, c->cfg.load_ioprio);
@@ -116,17 +116,17 @@ static void load_begin(struct kvu_core *c, struct block *b)
 static void store_begin(struct kvu_core *c, struct block *b)
 {
     unsigned slot = slot_of(c, b);
-    int ns = c->cfg.ns_fd;
+    int ns = ns_of(c, b);
     kvu_new_chain(c, b, ST_MAIN);
     b->st_reg = b->st_check = b->st_install = NO_STEP;
-    if (c->cfg.reg_fd >= 0 && !leaf_known(c->leaf_noted, b->leaf_index)) {
+    if (c->cfg.roots[b->root].reg_fd >= 0 && !leaf_known(noted_map(c, b), b->leaf_index)) {
         /* Recorded before the first temp file goes there, so the next open
          * can clean up after a dead writer (offset -1: the file's end). */
         b->st_reg = b->nsteps;
-        kvu_push(c, b, IORING_OP_WRITE, L_ | S_, c->cfg.reg_fd, ptr(b->line), b->line_len,
+        kvu_push(c, b, IORING_OP_WRITE, L_ | S_, c->cfg.roots[b->root].reg_fd, ptr(b->line), b->line_len,
                  UINT64_MAX, 0, 0, 0, b->line_len);
     }
-    if (!leaf_known(c->leaf_ready, b->leaf_index)) {
+    if (!leaf_known(ready_map(c, b), b->leaf_index)) {
         /* A leaf not known to exist: check its upper directory is a real one
          * beneath the namespace, then make the leaf (EEXIST is fine, the
          * hard link runs on).  The create refuses symlinks on the whole path. */
@@ -146,7 +146,7 @@ static void store_begin(struct kvu_core *c, struct block *b)
         kvu_pack_trailer(trailer_of(c, b), b->key, b->klen, c->cfg.block_size, b->psum);
     }
     b->st_create = b->nsteps;
-    kvu_push(c, b, IORING_OP_OPENAT2, L_ | S_ | A_, ns, ptr(b->tmp), 0, 0, 0, ptr(&c->how_create), slot + 1,
+    kvu_push(c, b, IORING_OP_OPENAT2, L_ | S_ | A_, ns, ptr(b->tmp), 0, 0, 0, ptr(&c->how_create[b->root]), slot + 1,
          R_NEGATIVE);
     push_transfer(c, b, 0, L_ | S_ | F_, 0);
     b->st_sync = NO_STEP;
@@ -168,7 +168,7 @@ static void store_begin(struct kvu_core *c, struct block *b)
 /* Close the installed fd (its flush may report an error), then rename. */
 static void store_publish(struct kvu_core *c, struct block *b)
 {
-    int ns = c->cfg.ns_fd;
+    int ns = ns_of(c, b);
     kvu_new_chain(c, b, ST_PUBLISH);
     if (b->fd >= 0) {
         kvu_push(c, b, IORING_OP_CLOSE, L_ | S_, b->fd, 0, 0, 0, 0, 0, 0, R_NEGATIVE);
@@ -182,7 +182,7 @@ static void store_publish(struct kvu_core *c, struct block *b)
 static void stat_begin(struct kvu_core *c, struct block *b)
 {
     kvu_new_chain(c, b, ST_MAIN);
-    kvu_push(c, b, IORING_OP_STATX, 0, c->cfg.ns_fd, ptr(b->path), 0, 0, AT_SYMLINK_NOFOLLOW,
+    kvu_push(c, b, IORING_OP_STATX, 0, ns_of(c, b), ptr(b->path), 0, 0, AT_SYMLINK_NOFOLLOW,
          STATX_BASIC_STATS, ptr(&b->sx), R_CANCELLED);
 }
 
@@ -194,9 +194,9 @@ static void delete_begin(struct kvu_core *c, struct block *b)
      * unlinking through them: a planted symlink must not redirect it.  No
      * CQE_SKIP_SUCCESS on the unlink: a failed unlinkat is not marked
      * failed, so a skipped CQE would hide ENOENT. */
-    kvu_push(c, b, IORING_OP_OPENAT2, L_ | S_, c->cfg.ns_fd, ptr(b->leaf), 0, 0, 0, ptr(&c->how_dir), slot + 1,
+    kvu_push(c, b, IORING_OP_OPENAT2, L_ | S_, ns_of(c, b), ptr(b->leaf), 0, 0, 0, ptr(&c->how_dir), slot + 1,
          R_NEGATIVE);
-    kvu_push(c, b, IORING_OP_UNLINKAT, H_, c->cfg.ns_fd, ptr(b->path), 0, 0, 0, 0, 0, R_CANCELLED);
+    kvu_push(c, b, IORING_OP_UNLINKAT, H_, ns_of(c, b), ptr(b->path), 0, 0, 0, 0, 0, R_CANCELLED);
     kvu_push(c, b, IORING_OP_CLOSE, 0, 0, 0, 0, 0, 0, 0, slot + 1, R_NEGATIVE);
 }
 
@@ -231,6 +231,16 @@ int kvu_prepare(struct kvu_core *c, struct block *b)
     struct kvu_batch *batch = b->batch;
     unsigned i = b->index;
     uint64_t bs = c->cfg.block_size;
+    b->nrank = (uint8_t)kvu_rank_roots(&c->cfg, b->key, b->klen, b->rank);
+    b->pos = 0;
+    b->root = b->rank[0];
+    b->tried_failed = 0;
+    b->root_error = 0;
+    if (b->nrank > 1 && !kvu_pick_root(c, b, 0)) {
+        /* every root is failing: the top-ranked one is tried (a probe) */
+        b->pos = 0;
+        b->root = b->rank[0];
+    }
     if (c->cfg.layout == KVU_LAYOUT_VLLM) {
         if (kvu_block_path_vllm(b->key, b->klen, b->leaf, b->path) < 0) {
             b->user = b->addr = 0;
@@ -246,10 +256,10 @@ int kvu_prepare(struct kvu_core *c, struct block *b)
     b->upper[3] = 0;
     b->user = b->addr = batch->addrs ? batch->addrs[i] : 0;
     b->bounce = NULL;
-    if ((batch->kind == KVU_LOAD || batch->kind == KVU_STORE) && c->cfg.direct &&
-        b->addr % c->cfg.mem_align) {
+    if ((batch->kind == KVU_LOAD || batch->kind == KVU_STORE) && c->max_align &&
+        b->addr % c->max_align) {
         /* O_DIRECT needs aligned memory: go through an aligned copy. */
-        size_t align = c->cfg.mem_align < 4096 ? 4096 : c->cfg.mem_align;
+        size_t align = c->max_align < 4096 ? 4096 : c->max_align;
         b->bounce = aligned_alloc(align, (bs + align - 1) / align * align);
         if (!b->bounce) {
             kvu_finish(c, b, KVU_FAILED, kvu_fail(c, -ENOMEM));
@@ -333,7 +343,7 @@ static void load_check(struct kvu_core *c, struct block *b, int why)
     c->st.corrupt++;
     b->error = why;
     kvu_new_chain(c, b, ST_UNLINK);
-    kvu_push(c, b, IORING_OP_UNLINKAT, 0, c->cfg.ns_fd, ptr(b->path), 0, 0, 0, 0, 0, R_CANCELLED);
+    kvu_push(c, b, IORING_OP_UNLINKAT, 0, ns_of(c, b), ptr(b->path), 0, 0, 0, 0, 0, R_CANCELLED);
 }
 
 static void load_end(struct kvu_core *c, struct block *b)
@@ -395,7 +405,7 @@ static void store_cleanup(struct kvu_core *c, struct block *b, int32_t error, in
         kvu_push(c, b, IORING_OP_CLOSE, H_ | S_, b->fd, 0, 0, 0, 0, 0, 0, R_NEGATIVE);
         b->fd = -1;
     }
-    kvu_push(c, b, IORING_OP_UNLINKAT, 0, c->cfg.ns_fd, ptr(b->tmp), 0, 0, 0, 0, 0, R_CANCELLED);
+    kvu_push(c, b, IORING_OP_UNLINKAT, 0, ns_of(c, b), ptr(b->tmp), 0, 0, 0, 0, 0, R_CANCELLED);
 }
 
 /* The last step's result: a cleanup's unlink.  A temp file that could not
@@ -419,7 +429,7 @@ static void store_make_dirs(struct kvu_core *c, struct block *b)
     /* First block in this leaf: make both levels (EEXIST is fine: hard
      * links run on), checking the upper one is a real directory before
      * making anything inside it. */
-    int ns = c->cfg.ns_fd;
+    int ns = ns_of(c, b);
     kvu_new_chain(c, b, ST_MKDIR);
     b->made_dirs = 1;
     b->new_dirs = 2;
@@ -433,7 +443,7 @@ static void store_make_dirs(struct kvu_core *c, struct block *b)
 static void push_dir_sync(struct kvu_core *c, struct block *b, const char *dir, int last)
 {
     unsigned slot = slot_of(c, b);
-    kvu_push(c, b, IORING_OP_OPENAT2, L_ | S_, c->cfg.ns_fd, ptr(dir), 0, 0, 0, ptr(&c->how_sync), slot + 1,
+    kvu_push(c, b, IORING_OP_OPENAT2, L_ | S_, ns_of(c, b), ptr(dir), 0, 0, 0, ptr(&c->how_sync), slot + 1,
          R_NEGATIVE);
     kvu_push(c, b, IORING_OP_FSYNC, H_ | F_, slot, 0, 0, 0, 0, 0, 0, R_CANCELLED);
     kvu_push(c, b, IORING_OP_CLOSE, last ? 0 : H_ | S_, 0, 0, 0, 0, 0, 0, slot + 1, R_NEGATIVE);
@@ -491,8 +501,8 @@ static void store_after_rename(struct kvu_core *c, struct block *b, int32_t res)
         }
         kvu_new_chain(c, b, ST_RENAME);
         b->sent_noreplace = 0;
-        kvu_push(c, b, IORING_OP_RENAMEAT, 0, c->cfg.ns_fd, ptr(b->tmp), 0, 0, 0,
-             (uint64_t)(int64_t)c->cfg.ns_fd, ptr(b->path), R_CANCELLED);
+        kvu_push(c, b, IORING_OP_RENAMEAT, 0, ns_of(c, b), ptr(b->tmp), 0, 0, 0,
+             (uint64_t)(int64_t)ns_of(c, b), ptr(b->path), R_CANCELLED);
     } else {
         store_cleanup_or_retry(c, b, res, 0);
     }
@@ -537,9 +547,9 @@ static void store_main_end(struct kvu_core *c, struct block *b)
             kvu_finish(c, b, KVU_FAILED, kvu_fail(c, create));
         return;
     }
-    leaf_mark(c->leaf_ready, b->leaf_index);
+    leaf_mark(ready_map(c, b), b->leaf_index);
     if (b->st_reg != NO_STEP)
-        leaf_mark(c->leaf_noted, b->leaf_index);
+        leaf_mark(noted_map(c, b), b->leaf_index);
     bad = transfer_failure(b, b->res + b->st_create + 1);
     if (bad < 0) {
         store_cleanup_or_retry(c, b, bad, 1);
@@ -637,7 +647,7 @@ void kvu_end_lent_chain(struct kvu_core *c, struct block *b)
             kvu_push(c, b, IORING_OP_CLOSE, H_ | S_, b->fd, 0, 0, 0, 0, 0, 0, R_NEGATIVE);
             b->fd = -1;
         }
-        kvu_push(c, b, IORING_OP_UNLINKAT, 0, c->cfg.ns_fd, ptr(b->tmp), 0, 0, 0, 0, 0, R_CANCELLED);
+        kvu_push(c, b, IORING_OP_UNLINKAT, 0, ns_of(c, b), ptr(b->tmp), 0, 0, 0, 0, 0, R_CANCELLED);
         return;
     }
     if (b->stage == ST_LENT)

@@ -149,13 +149,34 @@ struct kvu_core_stats {
     uint64_t errors[KVU_ERRNOS]; /* FAILED blocks by errno */
 };
 
-struct kvu_core_config {
+/*
+ * One root of a store: a namespace directory on one filesystem.  A key
+ * lives on the root that ranks first for it (rendezvous hashing: the
+ * highest xxh3 of the key seeded with each root's id), or, when that one
+ * fails, on the next.
+ */
+#define KVU_MAX_ROOTS 16
+struct kvu_root_config {
     int ns_fd;
     int reg_fd;                 /* the writer registry's lock file (leaves are appended), or -1 */
-    uint64_t block_size;
-    int verify;
     int direct;
     unsigned mem_align;
+    uint64_t id;                /* the rendezvous seed: stable for the root (from its path) */
+};
+
+/* What the core knows of a root (kvu_core_root). */
+struct kvu_root_stats {
+    int down;                   /* failing: skipped until retry_at */
+    int32_t last_error;
+    int64_t retry_at;           /* CLOCK_MONOTONIC ns */
+    uint64_t failures, stored, hits, moved_on;
+};
+
+struct kvu_core_config {
+    struct kvu_root_config roots[KVU_MAX_ROOTS];
+    unsigned nroots;
+    uint64_t block_size;
+    int verify;
     unsigned slots;             /* blocks in flight at most */
     unsigned slot_base;         /* the first direct-descriptor slot the core may use */
     unsigned skip_success;      /* IOSQE_CQE_SKIP_SUCCESS, or 0 where unsupported */
@@ -227,6 +248,9 @@ unsigned kvu_core_lent(const struct kvu_core *c);
 int64_t kvu_core_next_deadline(const struct kvu_core *c);
 unsigned kvu_core_abort(struct kvu_core *c, int32_t err);
 unsigned kvu_core_released(struct kvu_core *c, uint64_t *ids, unsigned max);
+const struct kvu_root_stats *kvu_core_root(const struct kvu_core *c, unsigned root);
+unsigned kvu_rank_roots(const struct kvu_core_config *cfg, const uint8_t *key, unsigned klen,
+                        uint8_t *rank);
 const struct kvu_core_stats *kvu_core_stats(const struct kvu_core *c);
 int kvu_core_noreplace(const struct kvu_core *c);
 unsigned kvu_core_load_ioprio(const struct kvu_core *c);
