@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kvuring._blocks import BlockCore
+from kvuring._capacity import Capacity, capacity_stats, check_capacity
 from kvuring._driver import Driver
 from kvuring._format import check_layout, check_namespace
 from kvuring._namespace import Namespace
@@ -122,12 +123,14 @@ class StoreFrontEnd:
         layout: str = "kvuring",
         io_timeout: float | None = 30.0,
         durable: bool = False,
+        capacity_bytes: int | None = None,
     ) -> None:
         check_options(block_size, direct, queue_depth)
         self.io_timeout = check_io_timeout(io_timeout)
         if not isinstance(durable, bool):
             raise TypeError(f"durable must be True or False, not {durable!r}")
         self.durable = durable
+        self.capacity_bytes = check_capacity(capacity_bytes)
         self.layout = check_layout(layout, bool(verify))
         self.root = os.path.abspath(os.fspath(root))
         self.block_size = block_size
@@ -171,6 +174,9 @@ class StoreFrontEnd:
         )  # fmt: skip
         self._runner = BatchRunner(self._ns, core, self._fixed if self._fixed_ready else None,
                                    kick=kick, post=post)  # fmt: skip
+        if self.capacity_bytes is not None:
+            self._runner.capacity = Capacity(self._runner, self.capacity_bytes,
+                                             closed=lambda: self.closed)  # fmt: skip
 
     def _stop(self) -> None:
         """After the engine is drained and closed: registrations, hash threads, descriptors."""
@@ -219,7 +225,10 @@ class StoreFrontEnd:
         return self._fixed.remove(buffer)
 
     def _stats(self, engine: str | None) -> dict[str, Any]:
-        return store_stats(self._ns, self._runner, self._fixed, self._fixed_ready, engine)
+        out = store_stats(self._ns, self._runner, self._fixed, self._fixed_ready, engine)
+        runner = self._runner
+        out.update(capacity_stats(runner.capacity if runner else None, self.capacity_bytes))
+        return out
 
 
 def register_buffer(fixed: FixedBuffers, buffer: Buffer) -> bool:

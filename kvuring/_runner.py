@@ -21,7 +21,7 @@ import logging
 import os
 from array import array
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvuring import _binding as b
 from kvuring import _blocks as core_api
@@ -42,6 +42,9 @@ from kvuring._regions import AlignedBuffer, FixedBuffers
 from kvuring._writers import tmp_suffix
 from kvuring.engine import Engine
 from kvuring.status import STATUS_OF, Status
+
+if TYPE_CHECKING:
+    from kvuring._capacity import Capacity
 
 log = logging.getLogger("kvuring")
 _from_buffer = b.ffi.from_buffer
@@ -186,6 +189,8 @@ class BatchRunner:
         self._bounce_logged = False
         self._noreplace_logged = False
         self._failure_logged: set[int] = set()
+        #: the disk budget (capacity_bytes), set by the front end after construction
+        self.capacity: Capacity | None = None
         self.counts: dict[str, int] = dict.fromkeys(
             ("puts", "gets", "contains", "deletes", "hits", "bytes_read", "corrupt",
              "offloaded_checksums"),
@@ -362,6 +367,8 @@ class BatchRunner:
         return job
 
     def _start(self, job: Job) -> None:
+        if self.capacity is not None:
+            self.capacity.starting(job)  # a put's evictions go into the core ahead of it
         self.core.add(job.batch, lambda _batch: self._core_done(job))
         self._kick()
 
@@ -384,6 +391,8 @@ class BatchRunner:
     def _finish(self, job: Job) -> None:
         job.over = True
         self._report(job)
+        if self.capacity is not None:
+            self.capacity.finished(job)
         job.done(job)
 
     # -- checksums on worker threads --------------------------------------------------
@@ -543,6 +552,8 @@ class BatchRunner:
         return out
 
     def close(self) -> None:
+        if self.capacity is not None:
+            self.capacity.close()
         if self._hash_pool is not None:
             self._hash_pool.shutdown(wait=True)
             self._hash_pool = None

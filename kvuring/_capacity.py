@@ -1,0 +1,525 @@
+"""A disk budget: ``capacity_bytes`` with least-recently-used eviction (docs/capacity.md).
+
+What is kept, and where:
+
+* **Recency is the block file's mtime.**  A store sets it (the temp file is
+  written, then renamed); a load (HIT) or a store that finds the block
+  already there (EXISTS) bumps it with ``utimensat(NULL)`` -- at most once per
+  key per second, batched, on this store's worker thread (a daemon thread;
+  never the owner's thread).  So recency survives restarts, and every
+  process and node that shares the filesystem sees the same order.
+  Presence checks do not count as use.
+* **Usage is an in-memory index per store object**: an ``OrderedDict``
+  ``key -> file bytes`` in LRU order (oldest first), built at open by a
+  background scan of the namespace (``os.scandir`` + ``stat`` on the worker
+  thread; temp files, the registry and names this store would not make are
+  left out), then kept up to date by this store's own calls: STORED and
+  EXISTS and HIT insert or move a key to the young end, MISS, CORRUPT and
+  deletes drop it.  Other processes' stores and loads become visible
+  through rescans: every ``KVURING_CAPACITY_RESCAN`` seconds (15), at most
+  a tenth of the time (a rescan waits at least ten times as long as the
+  last one took), and sooner when this store has to evict.  A rescan
+  replaces the index with the namespace as found, sorted by mtime, then
+  replays what this store did while it ran (a journal), so nothing of its
+  own is lost.
+* **Eviction runs as a put starts.**  A put batch reserves the bytes of its
+  keys not already indexed; when indexed + reserved bytes would pass the
+  budget, the least recently used blocks -- never one of the batch's own
+  keys -- are taken out of the index until they are at 95% of it
+  (hysteresis: one eviction per 5% of the budget written, not one per put)
+  and removed with one DELETE batch through the block core, queued ahead of
+  the put and running beside it.  A namespace found over budget by a scan
+  (at open, or later) is trimmed the same way, in the background.
+
+All index changes happen on the owner's thread (the event loop's, or the
+polling caller's); the worker thread only scans, sorts and touches files,
+and hands its results back through ``post``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any
+
+from kvuring import _blocks as core_api
+from kvuring._blocks import CoreBatch
+from kvuring._format import (
+    MAX_KEY_BYTES,
+    RAW_SUFFIX,
+    TRAILER_SIZE,
+    VERIFIED_SUFFIX,
+    VLLM_GROUP_BYTES,
+    block_relpath,
+    vllm_relpath,
+)
+
+if TYPE_CHECKING:
+    from kvuring._runner import BatchRunner, Job
+
+log = logging.getLogger("kvuring")
+
+#: evictions bring indexed + reserved bytes down to this share of the budget
+LOW_WATER = 0.95
+#: a key's mtime is bumped at most once per this many seconds
+TOUCH_INTERVAL = 1.0
+#: the worker applies queued touches at least this often (seconds)
+TOUCH_DELAY = 0.5
+#: keys waiting for their mtime bump; past this, bumps are dropped (counted)
+MAX_PENDING_TOUCHES = 1 << 17
+#: seconds between rescans (``KVURING_CAPACITY_RESCAN`` overrides)
+RESCAN_SECONDS = 15.0
+#: a rescan asked for by an eviction comes at most this often (seconds)
+RESCAN_MIN_GAP = 1.0
+#: rescans wait at least this many times as long as the last one took
+RESCAN_DUTY = 10.0
+#: close() waits this long for the worker to apply the last touches
+CLOSE_WAIT = 2.0
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_HEX = frozenset("0123456789abcdef")
+
+
+def check_capacity(capacity_bytes: object) -> int | None:
+    """``capacity_bytes``: None (no budget) or a positive int."""
+    if capacity_bytes is None:
+        return None
+    if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int):
+        raise TypeError(f"capacity_bytes must be an int or None, not {capacity_bytes!r}")
+    if capacity_bytes <= 0:
+        raise ValueError(f"capacity_bytes must be positive, got {capacity_bytes}")
+    return int(capacity_bytes)
+
+
+def rescan_seconds() -> float:
+    """The rescan interval: ``KVURING_CAPACITY_RESCAN`` seconds, else RESCAN_SECONDS."""
+    text = os.environ.get("KVURING_CAPACITY_RESCAN")
+    if not text:
+        return RESCAN_SECONDS
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"KVURING_CAPACITY_RESCAN must be seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise ValueError(f"KVURING_CAPACITY_RESCAN must be positive, got {text!r}")
+    return value
+
+
+def capacity_stats(capacity: Capacity | None, capacity_bytes: int | None) -> dict[str, Any]:
+    """The budget's keys of stats(); ``used_bytes`` is None without a budget."""
+    if capacity is None:
+        return {"capacity_bytes": capacity_bytes, "used_bytes": None, "evicted": 0}
+    return capacity.stats()
+
+
+ScanEntry = tuple[int, bytes, int]  # (mtime in ns, key, file bytes)
+
+
+def _is_hex(name: str, length: int) -> bool:
+    return len(name) == length and _HEX.issuperset(name)
+
+
+def _key_of(hexed: str) -> bytes | None:
+    """The key whose file name is ``<hexed><suffix>``, or None when kvuring would not name it so."""
+    if len(hexed) % 2 or not 2 <= len(hexed) <= 2 * MAX_KEY_BYTES or not _HEX.issuperset(hexed):
+        return None
+    return bytes.fromhex(hexed)
+
+
+def scan_namespace(
+    ns_fd: int, *, layout: str, suffix: str, file_size: int, stop: Callable[[], bool]
+) -> list[ScanEntry] | None:
+    """Every block file of the namespace as (mtime ns, key, bytes), oldest first.
+
+    Only names this store's layout gives a key are counted: ``abc/de/<hex><suffix>``
+    (``layout='vllm'``: ``abc/de_g<G>/<hash hex>.bin``), regular files, not
+    followed through symlinks.  Temp files (``.tmp``) and the registry
+    (``.tmp/``) are left out.  Directories that vanish or cannot be read
+    are skipped.  None when ``stop()`` turned true meanwhile.
+    """
+    out: list[ScanEntry] = []
+    cut = -len(suffix)
+    vllm = layout == "vllm"
+    with os.scandir(ns_fd) as top:
+        uppers = [e.name for e in top if _is_hex(e.name, 3) and e.is_dir(follow_symlinks=False)]
+    for upper in uppers:
+        if stop():
+            return None
+        try:
+            ufd = os.open(upper, _DIR_FLAGS, dir_fd=ns_fd)
+        except OSError:
+            continue
+        try:
+            with os.scandir(ufd) as mid:
+                leaves = [e.name for e in mid if e.is_dir(follow_symlinks=False)]
+            for leaf in leaves:
+                group = b""
+                if vllm:
+                    if leaf[2:4] != "_g" or not _is_hex(leaf[:2], 2) or not leaf[4:].isdigit():
+                        continue
+                    g = int(leaf[4:])
+                    if str(g) != leaf[4:] or g >= 1 << 32:
+                        continue
+                    group = g.to_bytes(VLLM_GROUP_BYTES, "big")
+                elif not _is_hex(leaf, 2):
+                    continue
+                fan = upper + leaf[:2]
+                try:
+                    lfd = os.open(leaf, _DIR_FLAGS, dir_fd=ufd)
+                except OSError:
+                    continue
+                try:
+                    with os.scandir(lfd) as files:
+                        for e in files:
+                            name = e.name
+                            if not name.endswith(suffix):
+                                continue
+                            hexed = name[:cut]
+                            kb = _key_of(hexed)
+                            if kb is None or hexed.ljust(5, "0")[:5] != fan:
+                                continue
+                            if vllm:
+                                kb += group
+                                if len(kb) > MAX_KEY_BYTES:
+                                    continue
+                            try:
+                                st = e.stat(follow_symlinks=False)
+                            except OSError:
+                                continue
+                            if stat.S_ISREG(st.st_mode):
+                                size = st.st_size
+                                out.append(
+                                    (st.st_mtime_ns, kb, file_size if size == file_size else size)
+                                )
+                finally:
+                    os.close(lfd)
+        except OSError:
+            continue
+        finally:
+            os.close(ufd)
+    out.sort(key=itemgetter(0))
+    return out
+
+
+class Capacity:
+    """The budget of one store object: its index, its evictions, its worker thread."""
+
+    def __init__(
+        self, runner: BatchRunner, capacity_bytes: int, *, closed: Callable[[], bool]
+    ) -> None:
+        ns = runner.ns
+        self.runner = runner
+        self.capacity = capacity_bytes
+        self.low = int(capacity_bytes * LOW_WATER)
+        self.file_size = ns.block_size + (TRAILER_SIZE if ns.verify else 0)
+        self.layout = ns.layout
+        self.suffix = VERIFIED_SUFFIX if ns.verify else RAW_SUFFIX
+        self._closed_owner = closed
+        #: key -> file bytes, least recently used first
+        self.index: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+        self.used = 0  # bytes in the index
+        self.reserved = 0  # bytes of new keys in put batches in flight
+        self._incoming: dict[int, int] = {}  # id(job) -> its reserved bytes
+        self._evicting: set[bytes] = set()  # victims whose delete is in flight
+        self.evicted = 0
+        self.evictions = 0  # delete batches sent
+        self.scans = 0
+        self.scan_seconds = 0.0
+        self.scan_failures = 0
+        self._scan_done_at = time.monotonic()
+        # What this store did while a scan runs, replayed onto its result:
+        # (True, keys) used, (False, keys) gone.  None when no scan runs.
+        self._journal: list[tuple[bool, Sequence[bytes]]] | None = None
+        # mtime bumps: keys bumped (or stored) in the current second
+        self._second = 0
+        self._touched: set[bytes] = set()
+        self._queued = 0  # keys handed to the worker (the owner counts)
+        self._applied = 0  # keys the worker is done with (the worker counts)
+        self.touches = 0  # mtimes bumped
+        self.touch_errors = 0
+        self.touch_dropped = 0
+        self.interval = rescan_seconds()
+        # The worker: its own descriptor of the namespace (the store's may
+        # close under it), a FIFO of touches and scan requests.
+        # (None: scan now, after the touches queued before it)
+        self._queue: collections.deque[list[bytes] | None] = collections.deque()
+        self._wake = threading.Event()
+        self._stop = False
+        self._garbage: list[object] = []  # old indexes, freed on the worker
+        self._fd = os.open(".", _DIR_FLAGS, dir_fd=ns.ns_fd)
+        self._thread = threading.Thread(target=self._work, name="kvuring-capacity", daemon=True)
+        self._request_scan()
+        self._thread.start()
+
+    # -- the owner's side: calls ----------------------------------------------------
+    def starting(self, job: Job) -> None:
+        """A batch is about to be queued: a put reserves its new keys' bytes and evicts if needed."""
+        if job.kind != core_api.STORE:
+            return
+        index = self.index
+        move = index.move_to_end
+        new = 0
+        for kb in job.kbs:
+            if kb in index:
+                move(kb)  # EXISTS is use: young, and never this put's victim
+            else:
+                new += 1
+        if new:
+            incoming = new * self.file_size
+            self._incoming[id(job)] = incoming
+            self.reserved += incoming
+        if self.used + self.reserved > self.capacity:
+            self._evict(job.kbs)
+
+    def finished(self, job: Job) -> None:
+        """A batch is over: what it found goes into the index and the recency queue."""
+        kind = job.kind
+        kbs = job.kbs
+        status = job.batch.status
+        if kind == core_api.STORE:
+            self.reserved -= self._incoming.pop(id(job), 0)
+            stored = status.count(core_api.STORED)
+            if stored == len(kbs):
+                self._use(kbs)
+                self._fresh(kbs)
+                return
+            ok = (core_api.STORED, core_api.EXISTS)
+            self._use([kb for kb, st in zip(kbs, status) if st in ok])
+            if stored:
+                self._fresh([kb for kb, st in zip(kbs, status) if st == core_api.STORED])
+            if status.count(core_api.EXISTS):
+                self._bump([kb for kb, st in zip(kbs, status) if st == core_api.EXISTS])
+        elif kind == core_api.LOAD:
+            hits = status.count(core_api.HIT)
+            if hits == len(kbs):
+                found: Sequence[bytes] = kbs
+            else:
+                found = [kb for kb, st in zip(kbs, status) if st == core_api.HIT]
+                gone = (core_api.MISS, core_api.CORRUPT)
+                self._gone([kb for kb, st in zip(kbs, status) if st in gone])
+            if found:
+                self._use(found)
+                self._bump(found)
+        elif kind == core_api.DELETE:
+            self._gone(kbs)
+
+    def _use(self, kbs: Sequence[bytes]) -> None:
+        """The blocks are present and were just used: to the young end (added if unknown)."""
+        index = self.index
+        move = index.move_to_end
+        size = self.file_size
+        added = 0
+        for kb in kbs:
+            if kb in index:
+                move(kb)
+            else:
+                index[kb] = size
+                added += 1
+        self.used += added * size
+        if self._journal is not None:
+            self._journal.append((True, kbs))
+
+    def _gone(self, kbs: Sequence[bytes]) -> None:
+        """The blocks are no longer there (MISS, CORRUPT, deleted, evicted)."""
+        pop = self.index.pop
+        freed = 0
+        for kb in kbs:
+            freed += pop(kb, 0)
+        self.used -= freed
+        if self._journal is not None:
+            self._journal.append((False, kbs))
+
+    def _second_now(self) -> set[bytes]:
+        now = int(time.time() / TOUCH_INTERVAL)
+        if now != self._second:
+            self._second = now
+            self._touched = set()
+        return self._touched
+
+    def _fresh(self, kbs: Sequence[bytes]) -> None:
+        """Stored just now: their mtime is this second's already."""
+        self._second_now().update(kbs)
+
+    def _bump(self, kbs: Sequence[bytes]) -> None:
+        """Persist the use as the files' mtime (on the worker), once per key per second."""
+        touched = self._second_now()
+        todo = [kb for kb in kbs if kb not in touched]
+        if not todo:
+            return
+        touched.update(todo)
+        if self._queued - self._applied + len(todo) > MAX_PENDING_TOUCHES:
+            self.touch_dropped += len(todo)
+            return
+        self._queued += len(todo)
+        self._queue.append(todo)
+
+    # -- eviction --------------------------------------------------------------------
+    def _evict(self, protect: Iterable[bytes]) -> None:
+        """Take the oldest blocks (not ``protect``) out until indexed + reserved <= 95%; delete them."""
+        need = self.used + self.reserved - self.low
+        guard = set(protect)
+        victims: list[bytes] = []
+        freed = 0
+        if need > 0:
+            for kb, size in self.index.items():
+                if kb in guard:
+                    continue
+                victims.append(kb)
+                freed += size
+                if freed >= need:
+                    break
+        self._request_scan(because_full=True)
+        if not victims:
+            return
+        self._gone(victims)
+        self._evicting.update(victims)
+        self.evictions += 1
+        batch = CoreBatch(core_api.DELETE, victims, None, quiet=True)
+
+        def deleted(done: CoreBatch) -> None:
+            self.evicted += done.status.count(core_api.PRESENT)
+            self._evicting.difference_update(victims)
+
+        runner = self.runner
+        runner.core.add(batch, deleted)
+        runner._kick()
+
+    def _trim(self) -> None:
+        """After a scan: evict while over budget (a namespace found too full)."""
+        if self.used + self.reserved > self.capacity and not self._owner_closed():
+            self._evict(())
+
+    def _owner_closed(self) -> bool:
+        return self._stop or self._closed_owner() or self.runner.core.closed
+
+    # -- scans: the owner asks, the worker scans, the owner installs ------------------
+    def _request_scan(self, *, because_full: bool = False) -> None:
+        if self._journal is not None or self._owner_closed():
+            return  # one at a time
+        if because_full:
+            gap = max(min(RESCAN_MIN_GAP, self.interval), RESCAN_DUTY * self.scan_seconds)
+            if time.monotonic() < self._scan_done_at + gap:
+                return
+        self._journal = []
+        self._queue.append(None)
+        self._wake.set()
+
+    def _install(self, found: collections.OrderedDict[bytes, int] | None, used: int) -> None:
+        """The worker's scan result, with this store's journal replayed onto it."""
+        journal, self._journal = self._journal, None
+        self._scan_done_at = time.monotonic()
+        if found is None or self._stop:
+            return
+        old = self.index
+        self.index = found
+        self.used = used
+        self._gone(list(self._evicting))  # deletes in flight that the scan still saw
+        assert journal is not None
+        for used_now, kbs in journal:
+            if used_now:
+                self._use(kbs)
+            else:
+                self._gone(kbs)
+        self._garbage.append(old)  # a big dict is freed on the worker, not here
+        self.scans += 1
+        self._trim()
+
+    def _post(self, fn: Callable[[], None]) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: the store is gone
+            self.runner._post(fn)
+
+    # -- the worker thread ---------------------------------------------------------------
+    def _work(self) -> None:
+        next_scan = float("inf")  # the first scan is queued already
+        try:
+            while True:
+                timeout = min(TOUCH_DELAY, max(0.0, next_scan - time.monotonic()))
+                self._wake.wait(timeout)
+                self._wake.clear()
+                self._garbage.clear()
+                while self._queue:
+                    item = self._queue.popleft()
+                    if item is None:
+                        if not self._stop:
+                            self._scan()
+                            next_scan = time.monotonic() + max(
+                                self.interval, RESCAN_DUTY * self.scan_seconds
+                            )
+                    else:
+                        self._touch(item)
+                if self._stop:
+                    return
+                if time.monotonic() >= next_scan:
+                    next_scan = float("inf")  # until the scan the owner queues is done
+                    self._post(self._request_scan)
+        finally:
+            os.close(self._fd)
+
+    def _touch(self, kbs: list[bytes]) -> None:
+        fd = self._fd
+        vllm = self.layout == "vllm"
+        suffix = self.suffix.encode()
+        done = 0
+        for kb in kbs:
+            rel = vllm_relpath(kb)[1] if vllm else block_relpath(kb, suffix)[1]
+            try:
+                os.utime(rel, dir_fd=fd, follow_symlinks=False)
+                done += 1
+            except FileNotFoundError:
+                pass  # evicted or deleted meanwhile
+            except OSError:
+                self.touch_errors += 1
+        self.touches += done
+        self._applied += len(kbs)
+
+    def _scan(self) -> None:
+        t0 = time.monotonic()
+        try:
+            entries = scan_namespace(
+                self._fd, layout=self.layout, suffix=self.suffix, file_size=self.file_size,
+                stop=lambda: self._stop,
+            )  # fmt: skip
+        except OSError as exc:
+            log.warning("kvuring: capacity scan of the namespace failed: %s", exc)
+            self.scan_failures += 1
+            entries = None
+        found: collections.OrderedDict[bytes, int] | None = None
+        used = 0
+        if entries is not None:
+            found = collections.OrderedDict((kb, size) for _, kb, size in entries)
+            used = sum(map(itemgetter(2), entries))
+            del entries
+        self.scan_seconds = time.monotonic() - t0
+        self._post(lambda: self._install(found, used))
+
+    # -- results ---------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        return {
+            "capacity_bytes": self.capacity,
+            "used_bytes": self.used,
+            "used_blocks": len(self.index),
+            "evicted": self.evicted,
+            "evictions": self.evictions,
+            "evicting": len(self._evicting),
+            "capacity_scans": self.scans,
+            "capacity_scan_seconds": round(self.scan_seconds, 6),
+            "recency_updates": self.touches,
+            "recency_errors": self.touch_errors,
+            "recency_dropped": self.touch_dropped,
+        }
+
+    def close(self) -> None:
+        """Stop the worker: it applies the touches still queued (up to CLOSE_WAIT s), then exits."""
+        if self._stop:
+            return
+        self._stop = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(CLOSE_WAIT)
