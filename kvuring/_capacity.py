@@ -358,7 +358,10 @@ class Capacity:
             self.touch_dropped += len(todo)
             return
         self._queued += len(todo)
+        idle = not self._queue
         self._queue.append(todo)
+        if idle:
+            self._wake.set()  # the worker applies them now, beside the loads
 
     # -- eviction --------------------------------------------------------------------
     def _evict(self, protect: Iterable[bytes]) -> None:

@@ -57,6 +57,7 @@ class BenchConfig:
     io_timeout: float | None = 30.0
     close_check: bool = True
     durable: bool = False
+    capacity: int | None = None
 
     def blocks_for(self, block_size: int) -> int:
         """Blocks per round and block size: at least ``bytes_per_size`` bytes, rounded up."""
@@ -86,6 +87,7 @@ class BenchConfig:
             "io_timeout": self.io_timeout,
             "close_check": self.close_check,
             "durable": self.durable,
+            "capacity": self.capacity,
             "smoke": self.smoke,
         }
 
@@ -245,6 +247,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "directory after)",
     )
     add(
+        "--capacity",
+        type=parse_size,
+        default=None,
+        metavar="BYTES",
+        help="kvuring with capacity_bytes=BYTES (a disk budget with LRU eviction; "
+        "smaller than what a run writes makes every store evict)",
+    )
+    add(
         "--no-close-check",
         action="store_true",
         help="stores close their temp file as a direct descriptor (no flush, so no close "
@@ -326,5 +336,6 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         io_timeout=args.io_timeout,
         close_check=not args.no_close_check,
         durable=args.durable,
+        capacity=args.capacity,
         progress=not args.no_progress,
     )
