@@ -10,6 +10,7 @@
 #include <linux/openat2.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -173,6 +174,13 @@ static int64_t kvu_exec_one(const uint64_t *w, int *files, unsigned nfiles, int6
         kvu_pack_trailer((uint8_t *)(uintptr_t)w[7], (const uint8_t *)(uintptr_t)w[8], (unsigned)w[9],
                          len, kvu_checksum(addr, len));
         return 0;
+    case KVU_OP_FLOCK:
+        /* fd: the file; arg1: flock's operation (LOCK_EX | LOCK_NB, ...) */
+        return flock((int)fd, (int)w[7]) < 0 ? -errno : 0;
+    case KVU_OP_GETDENTS:
+        /* fd: a directory; addr, len: room for linux_dirent64 records; returns the bytes filled */
+        r = syscall(SYS_getdents64, (int)fd, addr, len);
+        return r < 0 ? -errno : r;
     default:
         return -EINVAL;
     }

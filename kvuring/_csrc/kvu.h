@@ -50,6 +50,12 @@
  */
 #define KVU_OP_CHECKSUM 240
 #define KVU_OP_SEAL 241
+/*
+ * Two more for a namespace's open and close (kvuring/_nsops.py), which
+ * io_uring has no opcode for: flock(fd, arg1) and getdents64(fd, addr, len).
+ */
+#define KVU_OP_FLOCK 242
+#define KVU_OP_GETDENTS 243
 
 /* IORING_OP_FIXED_FD_INSTALL (Linux 6.8; liburing 2.3's header lacks it):
  * a direct descriptor's file put into the process's fd table, so that
