@@ -18,7 +18,23 @@ def _unescape_mount(path: str) -> str:
 
 def filesystem_of(path: str) -> dict[str, str]:
     """The /proc/mounts entry whose mount point is the longest prefix of ``path``."""
-    real = os.path.realpath(path)
+    return _mount_of(os.path.realpath(path))
+
+
+def filesystem_of_fd(fd: int) -> dict[str, str]:
+    """As :func:`filesystem_of` for an open descriptor, from /proc alone.
+
+    ``realpath`` would look up every component on the filesystem itself,
+    which blocks on a hung mount; /proc/self/fd names the path without.
+    """
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        real = ""
+    return _mount_of(real)
+
+
+def _mount_of(real: str) -> dict[str, str]:
     best = {"type": "unknown", "mount_point": "", "device": ""}
     try:
         with open("/proc/mounts", encoding="utf-8") as mounts:

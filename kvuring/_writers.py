@@ -10,13 +10,16 @@ is gone), removes the temp files named in it and then the lock file; a live
 writer's lock cannot be taken, so its files are left alone.
 
 Everything here works relative to directory descriptors opened with
-O_NOFOLLOW, so a symlink planted at ``.tmp`` or in a leaf never sends a
-create, scan or unlink outside the namespace.
+O_NOFOLLOW (leaves with openat2, no symlink anywhere on the path), so a
+symlink planted at ``.tmp`` or in a leaf never sends a create, scan or
+unlink outside the namespace.  Every step is an operation of the
+namespace's admin engine (:mod:`kvuring._nsops`): these are programs, run
+by the front end's driver, never plain syscalls on its thread.
 """
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -24,140 +27,177 @@ import re
 import secrets
 import time
 
+from kvuring import _binding as b
+from kvuring import _nsops as ops
+from kvuring._nsops import Op, Program, os_error
+
 log = logging.getLogger("kvuring")
 
 REGISTRY_DIR = ".tmp"
 # A lock file still under its staging name is left alone this long: its
-# writer may be between creating and locking it.
+# writer may be between creating and locking it.  The same grace applies to
+# a writer's scratch files (direct-I/O probe, manifest draft) that no lock
+# file accounts for.
 STAGING_GRACE_S = 60.0
 # kvuring's leaves, and those of vLLM's layout (layout="vllm": "abc/de_g<group>")
 _LEAF_RE = re.compile(rb"[0-9a-f]{3}/[0-9a-f]{2}(_g[0-9]{1,10})?")
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: a writer's scratch files in the registry, beside its lock file
+SCRATCH_SUFFIXES = (".probe", ".manifest")
 
 
 def tmp_suffix(token: str) -> bytes:
     return f".{token}.".encode()
 
 
-def open_registry(ns_fd: int) -> int:
+def open_registry(ns_fd: int, where: str) -> Program[int]:
     """The registry directory's fd, made if missing; OSError (ELOOP, ENOTDIR) if it is not a real one."""
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(REGISTRY_DIR, 0o700, dir_fd=ns_fd)
-    return os.open(REGISTRY_DIR, _DIR_FLAGS, dir_fd=ns_fd)
+    path = os.path.join(where, REGISTRY_DIR)
+    res = yield ops.mkdirat(ns_fd, REGISTRY_DIR, 0o700, path)
+    if res < 0 and res != -errno.EEXIST:
+        raise os_error(res, path)
+    fd = yield ops.openat(ns_fd, REGISTRY_DIR, ops.DIR_FLAGS, path)
+    if fd < 0:
+        raise os_error(fd, path)
+    return int(fd)
 
 
 class WriterRegistration:
-    """This process's entry in a namespace's writer registry (``dir_fd``: the registry)."""
+    """This process's entry in a namespace's writer registry (``dir_fd``: the registry at ``where``).
 
-    def __init__(self, dir_fd: int) -> None:
+    :meth:`register` is the program that makes it; its descriptor (``fd``,
+    the flock-ed lock file the block core appends leaves to) belongs to the
+    admin engine that opened it, which closes it at release.
+    """
+
+    def __init__(self, dir_fd: int, where: str) -> None:
         self.dir_fd = dir_fd
-        self.token = f"{os.getpid()}-{secrets.token_hex(6)}"
+        self.where = where
         self.pid = os.getpid()
+        self.token = f"{self.pid}-{secrets.token_hex(6)}"
         # Made under another name and renamed once locked, so a cleaner never
         # sees an unlocked lock file of a live writer.
-        staging = f"{self.token}.locking"
+        self.staging = f"{self.token}.locking"
         self.lock_name = f"{self.token}.lock"
-        self.fd = os.open(
-            staging,
-            os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW,
-            0o600,
-            dir_fd=dir_fd,
-        )
-        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.rename(staging, self.lock_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        self.leaves: set[bytes] = set()
-
-    def note_leaf(self, leaf: bytes) -> None:
-        """Record that temp files may appear in ``leaf``; call before creating any there."""
-        if leaf not in self.leaves:
-            os.write(self.fd, leaf + b"\n")
-            self.leaves.add(leaf)
-
-    def close(self, *, keep: bool = False) -> None:
-        """Unregister (every temp file is gone by now); idempotent.
-
-        ``keep``: leave the lock file (its lock goes with the fd), so the next
-        open treats this writer as dead and removes the temp files it lists
-        (a cleanup unlink failed, or I/O was abandoned at close).
-        """
-        if self.fd < 0:
-            return
-        if os.getpid() == self.pid and not keep:
-            with contextlib.suppress(OSError):
-                os.unlink(self.lock_name, dir_fd=self.dir_fd)
-        # Linux releases the descriptor even when close reports an error (a
-        # dead FUSE connection's flush): nothing to retry.
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
         self.fd = -1
+        #: the lock file has its final name
+        self.registered = False
+
+    def register(self) -> Program[None]:
+        path = os.path.join(self.where, self.staging)
+        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW
+        fd = yield ops.openat(self.dir_fd, self.staging, flags, path, 0o600)
+        if fd < 0:
+            raise os_error(fd, path)
+        self.fd = fd
+        res = yield ops.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, path)
+        if res < 0:
+            raise os_error(res, path)
+        res = yield ops.renameat(self.dir_fd, self.staging, self.dir_fd, self.lock_name, 0, path)
+        if res < 0:
+            raise os_error(res, path)
+        self.registered = True
+
+    def release_ops(self, *, keep_registry: bool, scratch: bool) -> list[Op]:
+        """The unlinks that unregister (before the lock file's fd is closed).
+
+        ``keep_registry`` leaves the lock file (so the next open cleans up
+        the leaves it lists); ``scratch`` also removes this writer's scratch
+        files (an open cut short may have left them).
+        """
+        out: list[Op] = []
+        names = [] if keep_registry else [self.lock_name]
+        if not self.registered and not keep_registry:
+            names.append(self.staging)
+        if scratch:
+            names += [self.token + suffix for suffix in SCRATCH_SUFFIXES]
+        for name in names:
+            out.append(ops.unlinkat(self.dir_fd, name, os.path.join(self.where, name)))
+        return out
 
 
-def remove_dead_writers(ns_fd: int, reg_fd: int) -> int:
-    """Remove the temp files of every registered writer that is gone; returns how many writers."""
+def remove_dead_writers(ns_fd: int, reg_fd: int, where: str) -> Program[int]:
+    """Remove the temp files of every registered writer that is gone; returns how many writers.
+
+    ``where`` is the namespace's path (for messages).
+    """
+    registry = os.path.join(where, REGISTRY_DIR)
+    fd = yield ops.openat(reg_fd, ".", ops.DIR_FLAGS, registry)
+    if fd < 0:
+        raise os_error(fd, registry)
+    entries = yield from ops.read_dir(fd, registry)
+    yield ops.close(fd, registry)
+    names = [os.fsdecode(n) for n, t in entries if t in (ops.DT_REG, ops.DT_UNKNOWN)]
+    tokens = {n.rsplit(".", 1)[0] for n in names if n.endswith((".lock", ".locking"))}
     removed = 0
-    with os.scandir(reg_fd) as entries:
-        names = [e.name for e in entries if e.is_file(follow_symlinks=False)]
     for name in names:
-        if not (name.endswith(".lock") or name.endswith(".locking")):
+        if name.endswith(SCRATCH_SUFFIXES) and name.rsplit(".", 1)[0] not in tokens:
+            # A scratch file no lock file accounts for: an open cut short.
+            if (yield from _age(reg_fd, name, registry)) >= STAGING_GRACE_S:
+                yield ops.unlinkat(reg_fd, name, os.path.join(registry, name))
+            continue
+        if not name.endswith((".lock", ".locking")):
             continue
         token = name.rsplit(".", 1)[0]
-        if name.endswith(".locking") and _age(reg_fd, name) < STAGING_GRACE_S:
+        if (
+            name.endswith(".locking")
+            and (yield from _age(reg_fd, name, registry)) < STAGING_GRACE_S
+        ):
             continue  # a writer between creating and locking it
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=reg_fd)
-        except OSError:
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # its writer is alive
-            leaves = _read_all(fd).split(b"\n")
-            files = sum(_remove_temp_files(ns_fd, leaf, token) for leaf in leaves if leaf)
-            os.unlink(name, dir_fd=reg_fd)
+        if (yield from _clean_writer(ns_fd, reg_fd, name, token, registry)):
             removed += 1
-            log.info("kvuring: removed %d temp file(s) of dead writer %s", files, token)
-        finally:
-            os.close(fd)
     return removed
 
 
-def _age(dir_fd: int, name: str) -> float:
-    try:
-        return time.time() - os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mtime
-    except OSError:
+def _clean_writer(ns_fd: int, reg_fd: int, name: str, token: str, registry: str) -> Program[bool]:
+    path = os.path.join(registry, name)
+    fd = yield ops.openat(reg_fd, name, os.O_RDONLY | os.O_NOFOLLOW, path)
+    if fd < 0:
+        return False
+    res = yield ops.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, path)
+    if res < 0:
+        yield ops.close(fd, path)
+        return False  # its writer is alive (EWOULDBLOCK), or no lock to be had
+    leaves = yield from ops.read_all(fd, path)
+    files = 0
+    for leaf in dict.fromkeys(leaves.split(b"\n")):
+        if leaf:
+            files += yield from _remove_temp_files(ns_fd, leaf, token, registry)
+    # The writer's scratch files, then the lock file itself.
+    yield tuple(ops.unlinkat(reg_fd, token + s, os.path.join(registry, token + s))
+                for s in SCRATCH_SUFFIXES)  # fmt: skip
+    res = yield ops.unlinkat(reg_fd, name, path)
+    yield ops.close(fd, path)
+    if res < 0 and res != -errno.ENOENT:  # ENOENT: another cleaner was first
+        raise os_error(res, path)
+    log.info("kvuring: removed %d temp file(s) of dead writer %s", files, token)
+    return True
+
+
+def _age(dir_fd: int, name: str, where: str) -> Program[float]:
+    op, sx = ops.statx(dir_fd, name, b.AT_SYMLINK_NOFOLLOW, b.STATX_BASIC_STATS,
+                       os.path.join(where, name))  # fmt: skip
+    res = yield op
+    if res < 0:
         return 0.0
+    mtime: float = sx.stx_mtime.tv_sec + sx.stx_mtime.tv_nsec / 1e9
+    return time.time() - mtime
 
 
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 1 << 16):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _remove_temp_files(ns_fd: int, leaf: bytes, token: str) -> int:
+def _remove_temp_files(ns_fd: int, leaf: bytes, token: str, registry: str) -> Program[int]:
     if not _LEAF_RE.fullmatch(leaf):
         return 0
-    # Walk down without following symlinks: a planted link must not make
-    # the cleaner delete anything outside the namespace.
-    fds: list[int] = []
-    try:
-        parent = ns_fd
-        for part in leaf.split(b"/"):
-            parent = os.open(part, _DIR_FLAGS, dir_fd=parent)
-            fds.append(parent)
-        marker = tmp_suffix(token)
-        count = 0
-        for name in os.listdir(parent):
-            raw = os.fsencode(name)
-            if marker in raw and raw.endswith(b".tmp"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(name, dir_fd=parent)
-                    count += 1
-        return count
-    except OSError:
+    # openat2 with no symlink anywhere on the path: a planted link must not
+    # make the cleaner delete anything outside the namespace.
+    where = os.path.join(os.path.dirname(registry), leaf.decode())
+    fd = yield ops.openat_inside(ns_fd, leaf, os.O_RDONLY | os.O_DIRECTORY, where)
+    if fd < 0:
         return 0
-    finally:
-        for fd in fds:
-            os.close(fd)
+    try:
+        entries = yield from ops.read_dir(fd, where)
+    except OSError:
+        entries = []
+    marker = tmp_suffix(token)
+    victims = [n for n, _t in entries if marker in n and n.endswith(b".tmp")]
+    results = (yield tuple(ops.unlinkat(fd, n, where) for n in victims)) if victims else ()
+    yield ops.close(fd, where)
+    return sum(1 for res in results if res == 0)

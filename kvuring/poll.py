@@ -84,17 +84,17 @@ class PollingStore(StoreFrontEnd):
             raise RuntimeError("PollingStore is closed")
         if self._driver is not None:
             return self
-        ns = self._ns.open()
+        timeout = self.io_timeout
+        ns = self._ns.open_sync(timeout)
         try:
             engine = open_engine(self._engine_name(), slots=self.queue_depth, single_issuer=False)
             self._driver = driver = Driver(engine)
             self._start(engine, driver, kick=driver.flush, post=self._post)
-            ns.make_fanout()
         except BaseException:
             if self._driver is not None:
                 self._driver.close()
                 self._driver = None
-            ns.close()
+            ns.close_sync(timeout)
             raise
         return self
 

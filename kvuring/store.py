@@ -31,14 +31,12 @@ files without touching a live one's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvuring import _blocks as core_api
 from kvuring._frontend import StoreFrontEnd
-from kvuring._namespace import FANOUT
 from kvuring._regions import aligned_buffer
 from kvuring._runner import HASH_OFFLOAD_MIN, Job
 from kvuring._types import Buffer
@@ -70,7 +68,9 @@ class BlockStore(StoreFrontEnd):
             raise RuntimeError("BlockStore is closed")
         if self._ring is not None:
             return self
-        ns = self._ns.open()
+        timeout = self.io_timeout
+        # Every filesystem step runs on the namespace's own engine: the loop runs on.
+        ns = await self._ns.open_async(timeout)
         try:
             self._ring = await AsyncRing(
                 backend=self._engine_name(), queue_depth=self.queue_depth
@@ -82,28 +82,13 @@ class BlockStore(StoreFrontEnd):
 
             self._start(self._ring.engine, self._ring.driver, kick=self._ring.schedule_flush,
                         post=post)  # fmt: skip
-            if ns.fanout_needed():
-                await self._make_fanout()
         except BaseException:
             if self._ring is not None:
                 self._ring.close_now()
                 self._ring = None
-            ns.close()
+            await ns.close_async(timeout)
             raise
         return self
-
-    async def _make_fanout(self) -> None:
-        """The upper fan-out directories, made through the ring: a slow filesystem does not stall the loop."""
-        ring = self._ring
-        assert ring is not None
-        fd = self._ns.ns_fd
-
-        async def mkdir(name: str) -> None:
-            with contextlib.suppress(FileExistsError):
-                await ring.mkdirat(name, 0o755, dir_fd=fd)
-
-        await asyncio.gather(*(mkdir(name) for name in FANOUT))
-        self._ns.fanout_done()
 
     async def __aenter__(self) -> BlockStore:
         return await self.open()

@@ -25,7 +25,6 @@ import errno
 import json
 import os
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -84,13 +83,18 @@ def filled_rows(
     return region, out
 
 
+#: the namespace's manifest (kvuring/_manifest.py), beside the fan-out
+MANIFEST = ".kvuring-manifest.json"
+
+
 def _ns_files(root: Path, ns: str) -> list[Path]:
-    """Every file beneath the namespace except the writer registry (``.tmp``)."""
+    """Every file beneath the namespace except the writer registry (``.tmp``) and the manifest."""
     base = root / ns
     out = []
     for dirpath, dirnames, filenames in os.walk(base):
         if Path(dirpath) == base:
             dirnames[:] = [d for d in dirnames if d != ".tmp"]
+            filenames = [f for f in filenames if f != MANIFEST]
         out += [Path(dirpath) / f for f in filenames]
     return sorted(out)
 
@@ -179,6 +183,39 @@ def tmpfs(path: Path, size: str = "1m") -> Iterator[Path]:
         r = subprocess.run(["umount", str(path)], capture_output=True, text=True)
         if r.returncode:
             subprocess.run(["umount", "-l", str(path)], capture_output=True, text=True)
+
+
+@contextlib.contextmanager
+def small_ext4(path: Path, size: str = "16M") -> Iterator[Path]:
+    """A fresh ext4 of ``size`` (default ``mkfs.ext4``, loop-mounted) at ``path``; skip where impossible.
+
+    The image file sits beside ``path``.  The filesystem is always
+    unmounted and its loop device detached afterwards.
+    """
+    mkfs, mount, umount = need_tool("mkfs.ext4"), need_tool("mount"), need_tool("umount")
+    if os.geteuid() != 0:
+        pytest.skip("mounting an ext4 image needs root")
+    path.mkdir(parents=True, exist_ok=True)
+    image = path.with_name(path.name + ".img")
+    subprocess.run(["truncate", "-s", size, str(image)], check=True, capture_output=True)
+    try:
+        r = subprocess.run([mkfs, "-q", "-F", str(image)], capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"mkfs.ext4 failed: {r.stderr.strip()}")
+        r = subprocess.run([mount, "-o", "loop", str(image), str(path)], capture_output=True,
+                           text=True)  # fmt: skip
+        if r.returncode:
+            pytest.skip(f"cannot loop-mount an ext4 image here: {r.stderr.strip()}")
+        try:
+            yield path
+        finally:
+            # umount of a loop mount made with -o loop also detaches the device
+            # (autoclear); -d detaches it explicitly where that is not so.
+            r = subprocess.run([umount, "-d", str(path)], capture_output=True, text=True)
+            if r.returncode:
+                subprocess.run([umount, "-l", "-d", str(path)], capture_output=True, text=True)
+    finally:
+        image.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -411,33 +448,12 @@ def _remove(path: Path) -> None:
 
 
 _POOL: list[Path] = []
-_HEX3 = re.compile(r"[0-9a-f]{3}")
 
 
 def reset_namespace(nsdir: Path) -> None:
-    """Empty a namespace but keep its 4096 fan-out directories (and their marker).
-
-    A fresh namespace costs 4096 mkdirs at open (0.1-1 s here), so most
-    tests share an already fanned-out "default" namespace, emptied between
-    tests.  Anything that is not a real fan-out directory (a planted
-    symlink or file) is removed and the directory made again.
-    """
-    if not nsdir.is_dir() or nsdir.is_symlink():
-        _remove(nsdir)
-        return
-    for entry in os.scandir(nsdir):
-        path = Path(entry.path)
-        if entry.name == ".tmp" and entry.is_dir(follow_symlinks=False):
-            for sub in os.scandir(path):
-                if sub.name != "fanout-ready":
-                    _unlink_any(Path(sub.path))
-        elif _HEX3.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
-            for sub in os.scandir(path):
-                _unlink_any(Path(sub.path))
-        else:
-            _unlink_any(path)
-            if _HEX3.fullmatch(entry.name):
-                path.mkdir(0o755)
+    """Remove a namespace (its blocks, registry and manifest) so the next test starts afresh."""
+    if nsdir.is_symlink() or nsdir.exists():
+        _unlink_any(nsdir)
 
 
 def _unlink_any(path: Path) -> None:
@@ -454,7 +470,7 @@ def _unlink_any(path: Path) -> None:
 
 
 def pooled_root() -> Iterator[Path]:
-    """A directory on tmpfs whose "default" namespace is empty (but may be fanned out already).
+    """An empty directory on tmpfs.
 
     Every other entry in it is removed after the test; the directory goes
     back to a pool for the next test.

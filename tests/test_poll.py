@@ -113,6 +113,7 @@ def test_failed_and_corrupt_blocks(root: Path, backend: str) -> None:
         # A leaf that is a file, not a directory: the store fails, with its errno and path.
         odd = bytes([0xEE, 0xEE, 0x01])
         leaf = root / "default" / "eee" / "e0"
+        leaf.parent.mkdir(exist_ok=True)
         leaf.write_bytes(b"not a directory")
         try:
             store.submit_put([odd], bufs[:1])

@@ -214,10 +214,10 @@ async def test_verify_false_writes_raw_payload_files(root: Path, backend: str) -
         out = bytearray(BS)
         assert await store.get(b"foreign", out) is Status.HIT and out == payload(b"foreign", BS)
         assert await store.contains_many([b"foreign", b"absent"]) == [True, False]
-    # a verified store of the same namespace does not see the raw files
-    async with opened(root, BS, backend, verify=True) as store:
-        assert await store.contains_many(keys) == [False] * 3
-        assert await store.get(b"raw-a", bytearray(BS)) is Status.MISS
+    # a verified store of the same namespace is refused (its manifest says raw); the files stay
+    with pytest.raises(ValueError, match="verify=False"):
+        await BlockStore(root, BS, backend=backend, verify=True).open()
+    assert len(block_files(root)) == 4
 
 
 # ----------------------------------------------------------------------------

@@ -453,8 +453,7 @@ async def test_file_in_place_of_a_directory(root: Path, backend: str) -> None:
     async with opened(root, BS, backend):
         pass
     ns = root / "default"
-    shutil.rmtree(ns / "abc")
-    (ns / "abc").write_bytes(b"not a directory")
+    (ns / "abc").write_bytes(b"not a directory")  # where the store would make a directory
     async with opened(root, BS, backend, clean=False) as store:
         _r, bufs = filled_rows([k, other], BS)
         assert await store.put_many([k, other], bufs) == [Status.FAILED, Status.STORED]

@@ -26,7 +26,7 @@ from store_helpers import (
     stray_files,
 )
 
-from kvuring import Status
+from kvuring import BlockStore, Status
 
 BS = 8192
 ONE_LOOP = pytest.mark.asyncio(loop_factories=["asyncio"])
@@ -158,11 +158,18 @@ async def test_block_copied_to_another_keys_path_is_corrupt(root: Path, backend:
 
 @pytest.mark.asyncio
 async def test_block_of_another_block_size_is_not_a_hit(root: Path, backend: str) -> None:
-    async with opened(root, 2 * BS, backend) as big:
+    """A namespace refuses another block size (its manifest); a block copied across is CORRUPT."""
+    async with opened(root, 2 * BS, backend, namespace="big") as big:
         await big.put(b"sized", payload(b"sized", 2 * BS))
+    with pytest.raises(ValueError, match=f"holds block_size {2 * BS}"):
+        await BlockStore(root, BS, backend=backend, namespace="big").open()
     async with opened(root, BS, backend) as small:
+        copied = block_file(root, b"sized")
+        copied.parent.mkdir(parents=True, exist_ok=True)
+        copied.write_bytes(block_file(root, b"sized", ns="big").read_bytes())
         out = bytearray(BS)
         assert await small.get(b"sized", out) in (Status.CORRUPT, Status.MISS)
+    assert block_file(root, b"sized", ns="big").is_file()
 
 
 @pytest.mark.asyncio
@@ -261,13 +268,15 @@ async def test_exists_never_overwrites(root: Path, backend: str) -> None:
 
 
 @ONE_LOOP
-async def test_verified_and_raw_blocks_of_one_key_coexist(root: Path, backend: str) -> None:
-    async with (
-        opened(root, BS, backend, verify=True) as v,
-        opened(root, BS, backend, verify=False) as r,
-    ):
+async def test_verified_and_raw_stores_do_not_share_a_namespace(root: Path, backend: str) -> None:
+    """Verified and raw stores of one namespace: the manifest admits one of them; the other is refused."""
+    async with opened(root, BS, backend, verify=True) as v:
         await v.put(b"both", payload(b"both", BS))
-        await r.put(b"both", payload(b"both", BS, salt=1))
+        with pytest.raises(ValueError, match="verify=True"):
+            await BlockStore(root, BS, backend=backend, verify=False).open()
         out = bytearray(BS)
         assert await v.get(b"both", out) is Status.HIT and out == payload(b"both", BS)
+    async with opened(root, BS, backend, verify=False, namespace="raw") as r:
+        await r.put(b"both", payload(b"both", BS, salt=1))
+        out = bytearray(BS)
         assert await r.get(b"both", out) is Status.HIT and out == payload(b"both", BS, salt=1)
