@@ -14,6 +14,9 @@ tests start (``python tests/store_helpers.py ROLE ARGS_JSON``):
 ``racer``    waits for ``go`` on stdin, then puts the given keys; prints JSON
 ``nobody``   imports everything, drops root (uid/gid 65534), then puts and
              loads; prints JSON with statuses and errnos
+``opener``   prints ``READY``, opens a store when a line comes on stdin, puts
+             one block; prints JSON: ``opened`` (the put's status) or
+             ``refused`` (the open's ValueError)
 """
 
 from __future__ import annotations
@@ -336,6 +339,24 @@ def _plain(store: BlockStore) -> dict[str, Any]:
     return {k: v for k, v in store.stats().items() if isinstance(v, (int, str, bool))}
 
 
+async def _opener(a: dict[str, Any]) -> None:
+    # Open as soon as "go" comes (first opens racing to publish the manifest).
+    store = _store(a)
+    print("READY", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    try:
+        await store.open()
+    except ValueError as exc:
+        print(json.dumps({"refused": str(exc)}), flush=True)
+        return
+    try:
+        key = f"opener-{a['bs']}".encode()
+        status = await store.put(key, payload(key, a["bs"]))
+    finally:
+        await store.close()
+    print(json.dumps({"opened": status.value}), flush=True)
+
+
 async def _nobody(a: dict[str, Any]) -> None:
     bs = a["bs"]
     out: dict[str, Any] = {"uid": os.getuid()}
@@ -379,7 +400,8 @@ def main(argv: list[str]) -> int:
         assert os.getuid() == 65534
         with contextlib.suppress(PermissionError):
             os.chdir("/")
-    fn = {"writer": _writer, "hold": _hold, "racer": _racer, "nobody": _nobody}[role]
+    fn = {"writer": _writer, "hold": _hold, "racer": _racer, "nobody": _nobody,
+          "opener": _opener}[role]  # fmt: skip
     _run(fn(a), a.get("loop", "asyncio"))
     return 0
 
