@@ -38,8 +38,14 @@ def check_io_timeout(io_timeout: object) -> float | None:
     return float(io_timeout)
 
 
-def check_options(block_size: object, direct: object, queue_depth: object) -> None:
-    """The checks of the arguments both front ends take."""
+def check_options(
+    block_size: object, direct: object, queue_depth: object, **flags: object
+) -> None:  # fmt: skip
+    """The checks of the arguments both front ends take; ``flags``: the options that must be bools."""
+    for name, value in flags.items():
+        # bool("False") is True: a string or a number must not pass as a flag.
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, not {value!r}")
     if not isinstance(block_size, int) or isinstance(block_size, bool):
         raise TypeError(f"block_size must be int, not {type(block_size).__name__}")
     if not 0 < block_size <= MAX_BLOCK_SIZE:
@@ -125,7 +131,8 @@ class StoreFrontEnd:
         durable: bool = False,
         capacity_bytes: int | None = None,
     ) -> None:
-        check_options(block_size, direct, queue_depth)
+        check_options(block_size, direct, queue_depth, verify=verify,
+                      prioritize_loads=prioritize_loads, fixed_buffers=fixed_buffers)  # fmt: skip
         self.io_timeout = check_io_timeout(io_timeout)
         if not isinstance(durable, bool):
             raise TypeError(f"durable must be True or False, not {durable!r}")

@@ -199,8 +199,11 @@ class BatchRunner:
 
     # -- arguments -------------------------------------------------------------------
     def key_list(self, keys: Sequence[object]) -> list[bytes]:
-        if isinstance(keys, (bytes, str, int)):
-            raise TypeError("keys must be a sequence of keys, not a single key")
+        if isinstance(keys, (bytes, bytearray, memoryview, str, int)):
+            # (iterating bytes-like keys would give one int key per byte)
+            raise TypeError(
+                f"keys must be a sequence of keys, not a single key ({type(keys).__name__})"
+            )
         kbs = [
             k if type(k) is bytes and 0 < len(k) <= MAX_KEY_BYTES else key_bytes(k) for k in keys
         ]

@@ -697,3 +697,56 @@ def test_roundtrip_property(
     reset_namespace(root / "default")
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(body())
+
+
+# ----------------------------------------------------------------------------
+# input checks: flags are bools, a lone key is not a sequence of keys
+# ----------------------------------------------------------------------------
+
+FLAGS = ["verify", "prioritize_loads", "fixed_buffers"]
+NOT_BOOLS: list[object] = ["False", "True", "", 0, 1, None, 1.0]
+
+
+@pytest.mark.parametrize("flag", FLAGS)
+@pytest.mark.parametrize("value", NOT_BOOLS, ids=repr)
+@pytest.mark.parametrize("front_end", [BlockStore, kvuring.PollingStore], ids=lambda c: c.__name__)
+def test_flags_must_be_bools(tmp_path: Path, front_end: type, flag: str, value: object) -> None:
+    """verify="False" used to mean verify=True (bool("False")); now it names the bad value."""
+    with pytest.raises(TypeError, match=f"{flag} must be True or False, not {value!r}"):
+        front_end(tmp_path, BS, **{flag: value})
+    assert not (tmp_path / "default").exists()
+
+
+LONE_KEYS: list[object] = [b"abcd", bytearray(b"abcd"), memoryview(b"abcd"), "abcd", 7, True]
+
+
+@ONE_LOOP
+@pytest.mark.parametrize("key", LONE_KEYS, ids=lambda k: type(k).__name__)
+async def test_a_lone_key_is_a_type_error(root: Path, backend: str, key: object) -> None:
+    """put_many(b"abcd", [buf]) is a TypeError, not "4 keys but 1 buffers" (nor 4 int keys)."""
+    region, bufs = rows(1, BS)
+    calls = {
+        "put_many": lambda s: s.put_many(key, bufs),
+        "get_many": lambda s: s.get_many(key, bufs),
+        "get_prefix": lambda s: s.get_prefix(key, bufs),
+        "contains_many": lambda s: s.contains_many(key),
+        "delete_many": lambda s: s.delete_many(key),
+        "put_rows": lambda s: s.put_rows(key, region, [0]),
+        "get_rows": lambda s: s.get_rows(key, region, [0]),
+    }
+    async with opened(root, BS, backend) as store:
+        for name, call in calls.items():
+            with pytest.raises(TypeError, match="single key") as info:
+                await call(store)
+            assert type(key).__name__ in str(info.value), name
+        assert store.stats()["puts"] == store.stats()["contains"] == 0
+    with kvuring.PollingStore(root, BS, backend=backend) as poller:
+        for submit in (
+            lambda: poller.submit_put(key, bufs),  # type: ignore[arg-type]
+            lambda: poller.submit_get(key, bufs),  # type: ignore[arg-type]
+            lambda: poller.submit_contains(key),  # type: ignore[arg-type]
+            lambda: poller.submit_delete(key),  # type: ignore[arg-type]
+        ):
+            with pytest.raises(TypeError, match="single key"):
+                submit()
+        assert poller.pending == 0
