@@ -191,6 +191,7 @@ class BlockCore:
             root.mem_align = max(1, align)
             root.id = rid
         cfg.nroots = 1 + len(roots)
+        self._nroots = 1 + len(roots)
         cfg.block_size = block_size
         cfg.verify = int(verify)
         cfg.slots = slots
@@ -318,6 +319,26 @@ class BlockCore:
             return None
         return max(0.0, (when - time.monotonic_ns()) / 1e9)
 
+    def root_stats(self, root: int) -> dict[str, Any]:
+        """What the core knows of root ``root``: health, last error, counts."""
+        if self.closed:
+            return dict(self._final_roots[root]) if root < len(self._final_roots) else {}
+        st = lib.kvu_core_root(self._c, root)
+        if st == ffi.NULL:
+            return {}
+        now = time.monotonic_ns()
+        return {
+            "healthy": not st.down,
+            "retry_in": max(0.0, (st.retry_at - now) / 1e9) if st.down else 0.0,
+            "last_error": errno.errorcode.get(st.last_error) if st.last_error else None,
+            "failures": int(st.failures),
+            "stored": int(st.stored),
+            "hits": int(st.hits),
+            "moved_on": int(st.moved_on),
+            "in_flight": int(st.inflight),
+            "lent": int(st.lent),
+        }
+
     def lent(self) -> int:
         """Blocks that ended for their callers while the kernel still has their chains."""
         if self.closed:
@@ -384,6 +405,7 @@ class BlockCore:
         final["noreplace"] = int(self.noreplace)
         final["load_ioprio"] = self.load_ioprio
         self._final_errors = self.errors()
+        self._final_roots = [self.root_stats(i) for i in range(self._nroots)]
         self._final = final
         lent = int(lib.kvu_core_lent(self._c))
         self.closed = True

@@ -8,8 +8,10 @@ wait; everything else about a store is here.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import xxhash
 
 from kvuring._blocks import BlockCore
 from kvuring._capacity import Capacity, capacity_stats, check_capacity
@@ -25,6 +27,8 @@ MAX_BLOCK_SIZE = 1 << 30
 # Every in-flight chain may post up to 8 CQEs and the kernel caps the CQ at
 # 64 Ki entries.
 MAX_QUEUE_DEPTH = 8192
+#: roots a store may spread its blocks over (KVU_MAX_ROOTS)
+MAX_ROOTS = 16
 
 
 def check_io_timeout(io_timeout: object) -> float | None:
@@ -108,6 +112,33 @@ def store_stats(
     return out
 
 
+def check_roots(root: object) -> list[str]:
+    """One root or a non-empty sequence of distinct ones, as absolute paths."""
+    if isinstance(root, (str, os.PathLike)):
+        given: list[object] = [root]
+    elif isinstance(root, (list, tuple)):
+        given = list(root)
+    else:
+        raise TypeError(f"root must be a path or a list of paths, not {type(root).__name__}")
+    if not given:
+        raise ValueError("root: at least one directory is needed")
+    if len(given) > MAX_ROOTS:
+        raise ValueError(f"at most {MAX_ROOTS} roots, got {len(given)}")
+    paths = []
+    for one in given:
+        if not isinstance(one, (str, os.PathLike)):
+            raise TypeError(f"each root must be a path, not {type(one).__name__}")
+        paths.append(os.path.abspath(os.fspath(one)))
+    if len(set(paths)) != len(paths):
+        raise ValueError(f"roots must be distinct, got {paths}")
+    return paths
+
+
+def root_id(path: str) -> int:
+    """The root's rendezvous seed: from its absolute path, so it is the same in every process."""
+    return int(xxhash.xxh3_64_intdigest(os.fsencode(path)))
+
+
 class StoreFrontEnd:
     """The state and the calls both front ends have; they add how to wait."""
 
@@ -116,7 +147,7 @@ class StoreFrontEnd:
 
     def __init__(
         self,
-        root: str | os.PathLike[str],
+        root: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
         block_size: int,
         *,
         namespace: str = "default",
@@ -139,7 +170,14 @@ class StoreFrontEnd:
         self.durable = durable
         self.capacity_bytes = check_capacity(capacity_bytes)
         self.layout = check_layout(layout, bool(verify))
-        self.root = os.path.abspath(os.fspath(root))
+        #: every root; a key lives on one of them (rendezvous hashing), see docs/disks.md
+        self.roots = check_roots(root)
+        self.root = self.roots[0]
+        if self.capacity_bytes is not None and len(self.roots) > 1:
+            raise ValueError(
+                "capacity_bytes with several roots is not supported yet (the budget would "
+                "cover only the first root); give each disk its own store for now"
+            )
         self.block_size = block_size
         self.namespace = check_namespace(namespace)
         # KVURING_BACKEND steers the default "auto"; an explicit engine wins.
@@ -152,6 +190,13 @@ class StoreFrontEnd:
         self._ns = Namespace(self.root, self.namespace, block_size, verify=self.verify,
                              direct=direct, prioritize_loads=self.prioritize_loads,
                              queue_depth=queue_depth, layout=self.layout)  # fmt: skip
+        # The other roots' namespaces: their own directories, registry and
+        # probe; the core's slots, trailer pages and engine are shared.
+        self._more_ns = [
+            Namespace(path, self.namespace, block_size, verify=self.verify, direct=direct,
+                      prioritize_loads=self.prioritize_loads, queue_depth=0, layout=self.layout)
+            for path in self.roots[1:]
+        ]  # fmt: skip
         self._runner: BatchRunner | None = None
         self._fixed: FixedBuffers | None = None
         self._fixed_ready = False
@@ -166,6 +211,12 @@ class StoreFrontEnd:
         """Whether blocks move with O_DIRECT (known once open)."""
         return self._ns.direct.enabled
 
+    @property
+    def _engine_threads(self) -> int:
+        """The thread engine's workers: 16, and as many more per extra root (each a hung
+        root's requests may hold), up to one per slot."""
+        return max(16, min(16 * len(self.roots), self.queue_depth))
+
     def _engine_name(self) -> str:
         """The engine to open for this namespace (``auto`` is threads on a memory filesystem)."""
         return self._ns.engine_for(self.backend_requested)
@@ -174,10 +225,13 @@ class StoreFrontEnd:
         self, engine: Engine, driver: Driver, *, kick: Callable[[], None], post: Post
     ) -> None:
         """The block core on ``engine`` and the batch runner over it."""
+        if len(self.roots) > 1:
+            engine.widen_workers(self.queue_depth)
         core, self._fixed, self._fixed_ready = start_core(
             self._ns, engine, driver,
             fixed_buffers=self.fixed_buffers, prioritize_loads=self.prioritize_loads,
             io_timeout=self.io_timeout, durable=self.durable,
+            root_ids=[root_id(path) for path in self.roots], more=self._more_ns,
         )  # fmt: skip
         self._runner = BatchRunner(self._ns, core, self._fixed if self._fixed_ready else None,
                                    kick=kick, post=post)  # fmt: skip
@@ -197,6 +251,30 @@ class StoreFrontEnd:
             keep = bool(final["cleanup_failed"] or final.get("lent_at_close"))
             self._runner.close()
         self._ns.close(keep_registry=keep)
+        for ns in self._more_ns:
+            ns.close(keep_registry=keep)
+
+    def _open_namespaces(self) -> None:
+        """Open every root's namespace (the first is open already); close them all on failure."""
+        try:
+            for ns in self._more_ns:
+                ns.open()
+        except BaseException:
+            for ns in self._more_ns:
+                ns.close()
+            raise
+
+    def _roots_stats(self) -> list[dict[str, Any]]:
+        """stats()["roots"]: each root's path, health and counts."""
+        runner = self._runner
+        out = []
+        for i, (path, ns) in enumerate(zip(self.roots, [self._ns, *self._more_ns])):
+            entry: dict[str, Any] = {"path": path, "filesystem": ns.filesystem,
+                                     "direct_io": ns.direct.enabled}  # fmt: skip
+            if runner is not None:
+                entry.update(runner.core.root_stats(i))
+            out.append(entry)
+        return out
 
     def _runner_for_call(self) -> BatchRunner:
         if self._runner is None:
@@ -233,6 +311,7 @@ class StoreFrontEnd:
 
     def _stats(self, engine: str | None) -> dict[str, Any]:
         out = store_stats(self._ns, self._runner, self._fixed, self._fixed_ready, engine)
+        out["roots"] = self._roots_stats()
         runner = self._runner
         out.update(capacity_stats(runner.capacity if runner else None, self.capacity_bytes))
         return out

@@ -87,6 +87,7 @@ class Job:
 def start_core(
     ns: Namespace, engine: Engine, driver: Driver, *, fixed_buffers: bool, prioritize_loads: bool,
     io_timeout: float | None = None, durable: bool = False,
+    root_ids: Sequence[int] = (0,), more: Sequence[Namespace] = (),
 ) -> tuple[BlockCore, FixedBuffers | None, bool]:  # fmt: skip
     """The block core for ``ns`` on ``engine``, attached to ``driver``; registered buffers if asked.
 
@@ -116,7 +117,7 @@ def start_core(
         mem_align=ns.direct.mem_align,
         slots=ns.queue_depth,
         open_flags=b.SQE_ASYNC,
-        read_flags=b.SQE_ASYNC if ns.spread_reads else 0,
+        read_flags=b.SQE_ASYNC if ns.spread_reads or any(m.spread_reads for m in more) else 0,
         load_ioprio=ns.load_ioprio,
         store_limit=STORES_DURING_LOADS if prioritize_loads else 0,
         trailers=ns.trailers_addr,
@@ -134,6 +135,8 @@ def start_core(
         and os.environ.get("KVURING_CLOSE_CHECK", "1") != "0",
         durable=durable,
         keep_alive=ns.trailers,
+        root_id=root_ids[0],
+        extra_roots=[_root_config(m, rid) for m, rid in zip(more, root_ids[1:])],
     )
     driver.attach_core(core)
     if fixed is not None and ready:
@@ -141,6 +144,12 @@ def start_core(
         fixed.on_change = lambda: core.set_spans(spans.span_words())
         fixed.on_change()
     return core, fixed, ready
+
+
+def _root_config(ns: Namespace, rid: int) -> tuple[int, int, bool, int, int]:
+    """One more root for the core: its namespace fd, registry fd, direct I/O, alignment, id."""
+    reg = ns.writer.fd if ns.writer is not None else -1
+    return (ns.ns_fd, reg, ns.direct.enabled, ns.direct.mem_align, rid)
 
 
 def _row_index(rows: object) -> Any:

@@ -129,12 +129,14 @@ class AsyncRing:
         backend: str | None = None,
         queue_depth: int = 256,
         engine: Engine | None = None,
+        threads: int = 16,
     ) -> None:
         if queue_depth < 1:
             raise ValueError(f"queue_depth must be >= 1, got {queue_depth}")
         self._backend = backend
         self._queue_depth = queue_depth
         self._engine = engine
+        self._threads = threads
         self._driver: Driver | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
@@ -153,7 +155,9 @@ class AsyncRing:
         if self._driver is not None:
             return self
         self._loop = asyncio.get_running_loop()
-        engine = self._engine or open_engine(self._backend, slots=self._queue_depth)
+        engine = self._engine or open_engine(
+            self._backend, slots=self._queue_depth, threads=self._threads
+        )
         self._driver = Driver(engine)
         self._loop.add_reader(engine.fileno(), self._on_ready)
         return self

@@ -181,6 +181,9 @@ class Engine:
         """Let go of the engine with work still in the kernel (a hung filesystem): never waits."""
         self.close()
 
+    def widen_workers(self, wanted: int) -> None:
+        """Allow up to ``wanted`` blocking workers (io_uring's io-wq; the thread engine's are fixed)."""
+
     def stats(self) -> dict[str, Any]:
         s = self._stats
         e = self.c_engine
@@ -295,6 +298,16 @@ class Ring(Engine):
             if res != -errno.EINVAL:
                 break
         raise EngineUnavailable(-last, f"io_uring_setup failed: {os.strerror(-last)}")
+
+    def widen_workers(self, wanted: int) -> None:
+        """Raise io-wq's cap on blocking workers to ``wanted`` (never lowers it).
+
+        For a store over several roots: one root's hung requests each hold
+        a worker, and with the default cap they would leave none for the
+        other roots' creates and renames.
+        """
+        if wanted > self.max_workers:
+            self.max_workers = self._limit_workers(wanted)
 
     def _limit_workers(self, wanted: int | None) -> int:
         """Cap io-wq's unbounded workers (creates, renames, unlinks).

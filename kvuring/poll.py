@@ -87,7 +87,9 @@ class PollingStore(StoreFrontEnd):
         timeout = self.io_timeout
         ns = self._ns.open_sync(timeout)
         try:
-            engine = open_engine(self._engine_name(), slots=self.queue_depth, single_issuer=False)
+            self._open_namespaces()
+            engine = open_engine(self._engine_name(), slots=self.queue_depth, single_issuer=False,
+                                 threads=self._engine_threads)  # fmt: skip
             self._driver = driver = Driver(engine)
             self._start(engine, driver, kick=driver.flush, post=self._post)
         except BaseException:

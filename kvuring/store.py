@@ -72,9 +72,11 @@ class BlockStore(StoreFrontEnd):
         # Every filesystem step runs on the namespace's own engine: the loop runs on.
         ns = await self._ns.open_async(timeout)
         try:
+            self._open_namespaces()
             self._ring = await AsyncRing(
-                backend=self._engine_name(), queue_depth=self.queue_depth
-            ).open()
+                backend=self._engine_name(), queue_depth=self.queue_depth,
+                threads=self._engine_threads,
+            ).open()  # fmt: skip
             loop = asyncio.get_running_loop()
 
             def post(fn: Callable[[], None]) -> None:

@@ -85,6 +85,8 @@ struct kvu_core *kvu_core_new(const struct kvu_core_config *cfg, struct kvu_engi
         if (r->direct && r->mem_align > c->max_align)
             c->max_align = r->mem_align;
     }
+    for (i = 0; i < cfg->nroots; i++)
+        c->roots[i].last_done = kvu_now_ns();
     c->how_dir.flags = O_PATH | O_DIRECTORY;
     c->how_dir.resolve = resolve;
     /* A directory to fsync: an O_PATH descriptor cannot be synced. */
@@ -226,8 +228,9 @@ int kvu_core_set_spans(struct kvu_core *c, const uint64_t *spans, unsigned n)
 
 static void drop_unstarted(struct kvu_core *c, struct kvu_batch *b, int32_t err);
 static int move_on(struct kvu_core *c, struct block *b, int *status, int32_t *error);
+static void leave_root(struct kvu_core *c, struct block *b, int lent);
 
-static int64_t now_ns(void)
+int64_t kvu_now_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -278,6 +281,7 @@ void kvu_finish(struct kvu_core *c, struct block *b, int status, int32_t error)
     uint64_t bs = c->cfg.block_size;
     if (c->cfg.nroots > 1 && move_on(c, b, &status, &error))
         return;
+    leave_root(c, b, 0);
     if (status == KVU_STORED || status == KVU_HIT) {
         struct kvu_root_stats *r = &c->roots[b->root];
         r->down = 0;
@@ -371,18 +375,51 @@ void kvu_root_failed(struct kvu_core *c, unsigned root, int32_t err)
     struct kvu_root_stats *r = &c->roots[root];
     r->down = 1;
     r->last_error = err;
-    r->retry_at = now_ns() + ROOT_RETRY_NS;
+    r->retry_at = kvu_now_ns() + ROOT_RETRY_NS;
     r->failures++;
 }
 
+/*
+ * A failing root is tried again after ROOT_RETRY_NS by one block at a
+ * time (the probe), and only once none of its blocks is still in flight or
+ * lent: a root whose requests hang keeps no more of the engine's workers
+ * than it had when it was found out.
+ */
 static int root_usable(const struct kvu_core *c, unsigned root, int64_t *now)
 {
     const struct kvu_root_stats *r = &c->roots[root];
     if (!r->down)
         return 1;
+    if (r->inflight || r->lent)
+        return 0;
     if (!*now)
-        *now = now_ns();
-    return *now >= r->retry_at; /* time to try it again: this block is the probe */
+        *now = kvu_now_ns();
+    return *now >= r->retry_at;
+}
+
+/* Put the block on the root at rank position `pos` (keeping the per-root counts). */
+void kvu_set_root(struct kvu_core *c, struct block *b, unsigned pos)
+{
+    if (b->on_root)
+        c->roots[b->root].inflight--;
+    b->pos = (uint8_t)pos;
+    b->root = b->rank[pos];
+    c->roots[b->root].inflight++;
+    b->on_root = 1;
+}
+
+/* The block leaves its root (it ended, or was lent). */
+static void leave_root(struct kvu_core *c, struct block *b, int lent)
+{
+    struct kvu_root_stats *r = &c->roots[b->root];
+    if (!b->on_root)
+        return;
+    r->inflight--;
+    if (lent)
+        r->lent++;
+    else if (c->cfg.nroots > 1)
+        r->last_done = kvu_now_ns();
+    b->on_root = 0;
 }
 
 /* The first usable root at rank position `from` or after: b->root; 1, or 0 if none. */
@@ -392,8 +429,7 @@ int kvu_pick_root(struct kvu_core *c, struct block *b, unsigned from)
     unsigned i;
     for (i = from; i < b->nrank; i++) {
         if (root_usable(c, b->rank[i], &now)) {
-            b->pos = (uint8_t)i;
-            b->root = b->rank[i];
+            kvu_set_root(c, b, i);
             return 1;
         }
     }
@@ -511,6 +547,7 @@ static void lend(struct kvu_core *c, struct block *b, int32_t err)
     else if (batch->kind == KVU_STORE)
         c->stores_running--;
     b->lent = 1;
+    leave_root(c, b, 1);
     c->active--;
     c->lent++;
     if (!--batch->pending)
@@ -523,6 +560,7 @@ void kvu_end_lent(struct kvu_core *c, struct block *b)
 {
     struct kvu_batch *batch = b->batch;
     b->lent = 0;
+    c->roots[b->root].lent--;
     c->lent--;
     if (!--batch->lent && !batch->pending) {
         if (grow((void **)&c->released, &c->released_cap, c->nreleased + 1, sizeof *c->released) < 0)
@@ -542,7 +580,11 @@ static void expire(struct kvu_core *c, int64_t now)
         if (b->deadline > now)
             break;
         c->st.timeouts++;
-        if (c->cfg.nroots > 1)
+        /* The root is failing if nothing on it ended for a whole timeout; a
+         * block late because the engine's workers are busy elsewhere (with
+         * another root's hung requests) does not count against it. */
+        if (c->cfg.nroots > 1 &&
+            now - c->roots[b->root].last_done >= (int64_t)c->cfg.timeout_ns)
             kvu_root_failed(c, b->root, ETIMEDOUT);
         lend(c, b, ETIMEDOUT);
     }
@@ -682,7 +724,7 @@ static void start_block(struct kvu_core *c, struct kvu_batch *batch, int64_t now
 
 static void fill(struct kvu_core *c)
 {
-    int64_t now = c->cfg.timeout_ns && c->nfree && c->unstarted ? now_ns() : 0;
+    int64_t now = c->cfg.timeout_ns && c->nfree && c->unstarted ? kvu_now_ns() : 0;
     while (c->nfree) {
         struct kvu_batch *batch = c->fast.head;
         if (batch) {
@@ -844,7 +886,7 @@ unsigned kvu_core_pump(struct kvu_core *c, uint64_t *ud, int32_t *res, unsigned 
     }
     *nother = other;
     if (c->cfg.timeout_ns && (c->dl_head || c->unstarted))
-        expire(c, now_ns());
+        expire(c, kvu_now_ns());
     kvu_core_flush(c);
     return c->ndone;
 }

@@ -53,6 +53,7 @@ struct block {
     uint8_t nrank, pos;          /* its roots in rank order, and which one it is at */
     uint8_t rank[KVU_MAX_ROOTS];
     uint8_t tried_failed;        /* a load or check found a root failing on the way */
+    uint8_t on_root;             /* counted in roots[root].inflight */
     int32_t root_error;
     uint8_t line_len;
     uint8_t ntransfer;           /* transfer steps in the chain: 1, or 2 with registered buffers */
@@ -192,6 +193,8 @@ KVU_HIDDEN void kvu_end_lent(struct kvu_core *c, struct block *b);
 KVU_HIDDEN int kvu_root_failure(int32_t err);
 KVU_HIDDEN void kvu_root_failed(struct kvu_core *c, unsigned root, int32_t err);
 KVU_HIDDEN int kvu_pick_root(struct kvu_core *c, struct block *b, unsigned from);
+KVU_HIDDEN void kvu_set_root(struct kvu_core *c, struct block *b, unsigned pos);
+KVU_HIDDEN int64_t kvu_now_ns(void);
 
 /* chains.c */
 KVU_HIDDEN int kvu_prepare(struct kvu_core *c, struct block *b);

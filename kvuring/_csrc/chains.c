@@ -232,15 +232,11 @@ int kvu_prepare(struct kvu_core *c, struct block *b)
     unsigned i = b->index;
     uint64_t bs = c->cfg.block_size;
     b->nrank = (uint8_t)kvu_rank_roots(&c->cfg, b->key, b->klen, b->rank);
-    b->pos = 0;
-    b->root = b->rank[0];
     b->tried_failed = 0;
     b->root_error = 0;
-    if (b->nrank > 1 && !kvu_pick_root(c, b, 0)) {
-        /* every root is failing: the top-ranked one is tried (a probe) */
-        b->pos = 0;
-        b->root = b->rank[0];
-    }
+    b->on_root = 0;
+    if (b->nrank < 2 || !kvu_pick_root(c, b, 0))
+        kvu_set_root(c, b, 0); /* one root, or every root failing: the first-ranked one */
     if (c->cfg.layout == KVU_LAYOUT_VLLM) {
         if (kvu_block_path_vllm(b->key, b->klen, b->leaf, b->path) < 0) {
             b->user = b->addr = 0;

@@ -176,6 +176,8 @@ struct kvu_root_stats {
     int32_t last_error;
     int64_t retry_at;           /* CLOCK_MONOTONIC ns */
     uint64_t failures, stored, hits, moved_on;
+    unsigned inflight, lent;    /* blocks on it now: in flight, and lent (past their deadline) */
+    int64_t last_done;          /* when a block on it last ended (CLOCK_MONOTONIC ns) */
 };
 
 struct kvu_core_config {

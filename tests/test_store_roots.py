@@ -1,0 +1,205 @@
+"""One store over several roots: rendezvous placement, adding a root, a root that fails.
+
+Each root holds the single-root layout (``<root>/<namespace>/...``); a key's
+block lives on the root that ranks first for it, or on the next one while
+that root fails (docs/disks.md).  Failing roots are real: a FUSE filesystem
+(tests/faultfs.py) told to fail or hang its operations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from faultfs import FaultFS, fault_fs
+from store_helpers import block_file, filled_rows, new_root, payload, rows
+
+from kvuring import BlockStore, PollingStore, Status
+
+BS = 16 * 1024
+
+
+@pytest.fixture
+def roots() -> Iterator[list[Path]]:
+    made = [new_root() for _ in range(3)]
+    try:
+        yield [next(gen) for gen in made]
+    finally:
+        for gen in made:
+            for _ in gen:
+                pass
+
+
+def keys_of(n: int, tag: bytes = b"key") -> list[bytes]:
+    return [tag + b"-%04d" % i for i in range(n)]
+
+
+def where(key: bytes, roots: list[Path], ns: str = "default") -> list[int]:
+    """The roots that hold ``key``'s block file."""
+    return [i for i, root in enumerate(roots) if block_file(root, key, ns=ns).is_file()]
+
+
+@pytest.mark.asyncio
+async def test_keys_spread_over_the_roots_and_load_back(roots: list[Path], backend: str) -> None:
+    keys = keys_of(300)
+    _r, bufs = filled_rows(keys, BS)
+    async with BlockStore(roots, BS, backend=backend) as store:
+        assert store.roots == [os.path.abspath(r) for r in roots]
+        assert await store.put_many(keys, bufs) == [Status.STORED] * len(keys)
+        per_root = [r["stored"] for r in store.stats()["roots"]]
+        assert sum(per_root) == len(keys) and min(per_root) > len(keys) / 6, per_root
+        for key in keys:
+            assert len(where(key, roots)) == 1  # each block on exactly one root
+        _o, out = rows(len(keys), BS)
+        assert await store.get_many(keys, out) == [Status.HIT] * len(keys)
+        assert all(row == payload(key, BS) for key, row in zip(keys, out))
+        assert await store.contains_many(keys[:3]) == [True] * 3
+        assert await store.delete_many(keys[:3]) == [True] * 3
+        assert all(where(key, roots) == [] for key in keys[:3])
+        assert all(r["healthy"] for r in store.stats()["roots"])
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+async def test_adding_a_root_moves_about_a_third_and_only_to_it(
+    roots: list[Path], backend: str
+) -> None:
+    keys = keys_of(600)
+    _r, bufs = filled_rows(keys, BS)
+    two, three = roots[:2], roots
+    async with BlockStore(two, BS, backend=backend, namespace="before") as store:
+        assert set(await store.put_many(keys, bufs)) == {Status.STORED}
+    async with BlockStore(three, BS, backend=backend, namespace="after") as store:
+        assert set(await store.put_many(keys, bufs)) == {Status.STORED}
+    moved = 0
+    for key in keys:
+        (old,) = where(key, three, ns="before")
+        (new,) = where(key, three, ns="after")
+        assert new in (old, 2), key  # a key moves only to the new root
+        moved += new != old
+    assert 0.2 < moved / len(keys) < 0.47, moved
+
+    # blocks stored before the root was added still load, and can be deleted
+    async with BlockStore(three, BS, backend=backend, namespace="before") as store:
+        _o, out = rows(len(keys), BS)
+        assert await store.get_many(keys, out) == [Status.HIT] * len(keys)
+        assert sum(r["moved_on"] for r in store.stats()["roots"]) >= moved
+        assert await store.delete_many(keys) == [True] * len(keys)
+        assert await store.contains_many(keys[:10]) == [False] * 10
+
+
+def test_polling_store_over_roots(roots: list[Path], backend: str) -> None:
+    keys = keys_of(64)
+    _r, bufs = filled_rows(keys, BS)
+    with PollingStore(roots, BS, backend=backend) as store:
+        store.submit_put(keys, bufs)
+        (done,) = store.drain()
+        assert done.results == [Status.STORED] * len(keys)
+        _o, out = rows(len(keys), BS)
+        store.submit_get(keys, out)
+        (done,) = store.drain()
+        assert done.results == [Status.HIT] * len(keys)
+        assert len(store.stats()["roots"]) == 3
+
+
+def test_roots_are_checked(roots: list[Path]) -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        BlockStore([], BS)
+    with pytest.raises(ValueError, match="distinct"):
+        BlockStore([roots[0], str(roots[0])], BS)
+    with pytest.raises(TypeError, match="path"):
+        BlockStore([roots[0], 3], BS)  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="several roots"):
+        BlockStore(roots, BS, capacity_bytes=1 << 20)
+    with pytest.raises(ValueError, match="at most 16"):
+        BlockStore([f"{roots[0]}/{i}" for i in range(17)], BS)
+
+
+@pytest.fixture
+def fuse_root(tmp_path: Path) -> Iterator[FaultFS]:
+    with fault_fs(tmp_path) as fs:
+        yield fs
+
+
+async def _until(check: object, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+@pytest.mark.parametrize("fault", ["fail", "hang"])
+async def test_a_failing_root_is_skipped_and_used_again(
+    fuse_root: FaultFS, roots: list[Path], backend: str, fault: str
+) -> None:
+    """A root whose filesystem fails (EIO) or hangs: its keys' stores go to the next root,
+    its loads are MISS or FAILED (never an exception), and within seconds of recovering
+    it takes blocks again."""
+    fs = fuse_root
+    both = [fs.mnt, roots[0]]
+    async with BlockStore(both, BS, backend=backend, io_timeout=0.5) as store:
+        keys = keys_of(40, b"before")
+        _r, bufs = filled_rows(keys, BS)
+        assert set(await store.put_many(keys, bufs)) == {Status.STORED}
+        on_fuse = [k for k in keys if where(k, [fs.backing, roots[0]]) == [0]]
+        assert on_fuse, "no key ranked the FUSE root first"
+        if fault == "fail":
+            fs.fail("create", errno.EIO, match="default/*")
+            fs.fail("open", errno.EIO, match="default/*")
+        else:
+            fs.hang("create", match="default/*")
+            fs.hang("open", match="default/*")
+        more = keys_of(40, b"during")
+        _r2, bufs2 = filled_rows(more, BS)
+        got = await store.put_many(more, bufs2)
+        # stores move on to the healthy root (a hung one first costs its deadline)
+        assert got.count(Status.STORED) >= len(more) - (len(more) if fault == "hang" else 0)
+        roots_stats = store.stats()["roots"]
+        assert roots_stats[0]["healthy"] is False
+        if fault == "fail":
+            assert roots_stats[1]["healthy"] is True
+        assert roots_stats[0]["last_error"] in ("EIO", "ETIMEDOUT")
+        later = keys_of(20, b"while-down")
+        _r3, bufs3 = filled_rows(later, BS)
+        got3 = await store.put_many(later, bufs3)
+        if fault == "hang" and backend == "uring":
+            # Known gap (docs/disks.md): requests hung in one root's filesystem hold
+            # io-wq's workers, which the thread shares for every ring, and the other
+            # root's creates wait behind them; they end on time, FAILED (ETIMEDOUT).
+            assert set(got3) <= {Status.STORED, Status.FAILED}
+        else:
+            assert got3 == [Status.STORED] * len(later)
+            assert all(where(k, [fs.backing, roots[0]]) == [1] for k in later)
+        # loads of keys on the failing root: MISS or FAILED, never an exception
+        _o, out = rows(len(on_fuse), BS)
+        loads = await store.get_many(on_fuse, out)
+        assert set(loads) <= {Status.MISS, Status.FAILED, Status.HIT}
+        fs.clear()
+        # the hung requests come back, then the root's 2 s pause passes
+        assert await _until(
+            lambda: all(r["lent"] == 0 and r["retry_in"] == 0.0 for r in store.stats()["roots"])
+        )
+        fresh = keys_of(40, b"after")
+        _r4, bufs4 = filled_rows(fresh, BS)
+
+        async def stores_reach_it() -> bool:
+            assert set(await store.put_many(fresh, bufs4)) <= {Status.STORED, Status.EXISTS}
+            return any(where(k, [fs.backing, roots[0]]) == [0] for k in fresh)
+
+        for _ in range(20):
+            if await stores_reach_it():
+                break
+            await asyncio.sleep(0.2)
+            fresh = [k + b"'" for k in fresh]
+        else:
+            pytest.fail("the recovered root never took a block again")
+        assert store.stats()["roots"][0]["healthy"] is True
+        _o2, out2 = rows(len(on_fuse), BS)
+        assert await store.get_many(on_fuse, out2) == [Status.HIT] * len(on_fuse)
