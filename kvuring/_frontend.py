@@ -27,6 +27,8 @@ MAX_BLOCK_SIZE = 1 << 30
 # Every in-flight chain may post up to 8 CQEs and the kernel caps the CQ at
 # 64 Ki entries.
 MAX_QUEUE_DEPTH = 8192
+#: seconds a namespace's release gets at close even when the engine's used up the timeout
+CLOSE_GRACE = 0.5
 #: roots a store may spread its blocks over (KVU_MAX_ROOTS)
 MAX_ROOTS = 16
 
@@ -198,6 +200,8 @@ class StoreFrontEnd:
             for path in self.roots[1:]
         ]  # fmt: skip
         self._runner: BatchRunner | None = None
+        self._runner_closed = False
+        self._keep_registry = False
         self._fixed: FixedBuffers | None = None
         self._fixed_ready = False
         self.closed = False
@@ -239,29 +243,46 @@ class StoreFrontEnd:
             self._runner.capacity = Capacity(self._runner, self.capacity_bytes,
                                              closed=lambda: self.closed)  # fmt: skip
 
-    def _stop(self) -> None:
-        """After the engine is drained and closed: registrations, hash threads, descriptors."""
+    def _stop(self) -> bool:
+        """After the engine is drained and closed: registrations, hash threads.
+
+        Returns ``keep_registry`` for the namespaces' close: temp files this
+        writer could not remove, or left to I/O it abandoned, are cleaned up
+        by the next open as a dead writer's.
+        """
         if self._fixed is not None:
             self._fixed.clear()
-        keep = False
-        if self._runner is not None:
-            # Temp files this writer could not remove, or left to I/O it
-            # abandoned: the next open cleans up after it as after a dead one.
+            self._fixed = None
+        keep = self._keep_registry
+        if self._runner is not None and not self._runner_closed:
             final = self._runner.core.stats()
             keep = bool(final["cleanup_failed"] or final.get("lent_at_close"))
+            self._keep_registry = keep
             self._runner.close()
-        self._ns.close(keep_registry=keep)
-        for ns in self._more_ns:
-            ns.close(keep_registry=keep)
+            self._runner_closed = True
+        return keep
 
-    def _open_namespaces(self) -> None:
-        """Open every root's namespace (the first is open already); close them all on failure."""
+    @property
+    def _namespaces(self) -> list[Namespace]:
+        return [self._ns, *self._more_ns]
+
+    async def _open_more_async(self, timeout: float | None) -> None:
+        """Open the other roots' namespaces (the first is open), on their admin engines."""
         try:
             for ns in self._more_ns:
-                ns.open()
+                await ns.open_async(timeout)
         except BaseException:
             for ns in self._more_ns:
-                ns.close()
+                await ns.close_async(timeout)
+            raise
+
+    def _open_more_sync(self, timeout: float | None) -> None:
+        try:
+            for ns in self._more_ns:
+                ns.open_sync(timeout)
+        except BaseException:
+            for ns in self._more_ns:
+                ns.close_sync(timeout)
             raise
 
     def _roots_stats(self) -> list[dict[str, Any]]:

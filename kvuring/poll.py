@@ -31,7 +31,7 @@ from typing import Any
 
 from kvuring import _blocks as core_api
 from kvuring._driver import Driver
-from kvuring._frontend import StoreFrontEnd
+from kvuring._frontend import CLOSE_GRACE, StoreFrontEnd
 from kvuring._runner import Job
 from kvuring._types import Buffer
 from kvuring.engine import open_engine
@@ -87,7 +87,7 @@ class PollingStore(StoreFrontEnd):
         timeout = self.io_timeout
         ns = self._ns.open_sync(timeout)
         try:
-            self._open_namespaces()
+            self._open_more_sync(timeout)
             engine = open_engine(self._engine_name(), slots=self.queue_depth, single_issuer=False,
                                  threads=self._engine_threads)  # fmt: skip
             self._driver = driver = Driver(engine)
@@ -124,8 +124,12 @@ class PollingStore(StoreFrontEnd):
             runner.core.drop_queued_stores()
             self._drain(deadline)
             driver.close(deadline=deadline)
-        self._stop()
-        self._released = True
+        keep = self._stop()
+        released = True
+        for ns in self._namespaces:
+            left = None if deadline is None else max(CLOSE_GRACE, deadline - time.monotonic())
+            released = ns.close_sync(left, keep) and released
+        self._released = released
 
     # -- submitting ------------------------------------------------------------------
     def submit_put(

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvuring import _blocks as core_api
-from kvuring._frontend import StoreFrontEnd
+from kvuring._frontend import CLOSE_GRACE, StoreFrontEnd
 from kvuring._regions import aligned_buffer
 from kvuring._runner import HASH_OFFLOAD_MIN, Job
 from kvuring._types import Buffer
@@ -44,6 +44,15 @@ from kvuring.aio import AsyncRing
 from kvuring.status import Status
 
 __all__ = ["HASH_OFFLOAD_MIN", "BlockStore", "Status", "aligned_buffer"]
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _grace(deadline: float | None) -> float | None:
+    left = _left(deadline)
+    return None if left is None else max(left, CLOSE_GRACE)
 
 
 class BlockStore(StoreFrontEnd):
@@ -72,7 +81,7 @@ class BlockStore(StoreFrontEnd):
         # Every filesystem step runs on the namespace's own engine: the loop runs on.
         ns = await self._ns.open_async(timeout)
         try:
-            self._open_namespaces()
+            await self._open_more_async(timeout)
             self._ring = await AsyncRing(
                 backend=self._engine_name(), queue_depth=self.queue_depth,
                 threads=self._engine_threads,
@@ -119,10 +128,13 @@ class BlockStore(StoreFrontEnd):
             runner.core.drop_queued_stores()
             runner.core.flush()  # reports the batches that ended
         if self._ring is not None:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            await self._ring.close(left)
-        self._stop()
-        self._released = True
+            await self._ring.close(_left(deadline))
+        keep = self._stop()
+        released = True
+        for ns in self._namespaces:
+            # a namespace whose filesystem hangs: the next close() goes on
+            released = await ns.close_async(_grace(deadline), keep) and released
+        self._released = released
 
     # -- running a job -----------------------------------------------------------------
     async def _run(self, start: Callable[[Callable[[Job], None]], Job]) -> Job:
