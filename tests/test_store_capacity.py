@@ -78,7 +78,11 @@ def on_disk(root: Path, ns: str = "default") -> dict[bytes, int]:
         for leaf in os.scandir(upper.path):
             for f in os.scandir(leaf.path):
                 if f.name.endswith((".kvb", ".bin")):
-                    out[bytes.fromhex(f.name[:-4])] = f.stat(follow_symlinks=False).st_size
+                    try:
+                        size = f.stat(follow_symlinks=False).st_size
+                    except FileNotFoundError:
+                        continue  # evicted in the background while we looked
+                    out[bytes.fromhex(f.name[:-4])] = size
     return out
 
 

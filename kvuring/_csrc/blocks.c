@@ -282,6 +282,9 @@ void kvu_finish(struct kvu_core *c, struct block *b, int status, int32_t error)
     if (c->cfg.nroots > 1 && move_on(c, b, &status, &error))
         return;
     leave_root(c, b, 0);
+    if (b->fixed && (status == KVU_STORED || status == KVU_HIT || status == KVU_CORRUPT ||
+                     status == KVU_UNVERIFIED))
+        c->st.fixed_transfers++;
     if (status == KVU_STORED || status == KVU_HIT) {
         struct kvu_root_stats *r = &c->roots[b->root];
         r->down = 0;
@@ -711,6 +714,7 @@ static void start_block(struct kvu_core *c, struct kvu_batch *batch, int64_t now
     b->gen = ++c->gen;
     b->active = 1;
     b->retries = b->made_dirs = b->exists = b->retry_after_cleanup = b->lent = b->new_dirs = 0;
+    b->fixed = 0;
     b->fd = -1;
     b->klen = k1 - k0;
     memcpy(b->key, batch->keys + k0, b->klen);

@@ -58,6 +58,7 @@ struct block {
     uint8_t line_len;
     uint8_t ntransfer;           /* transfer steps in the chain: 1, or 2 with registered buffers */
     uint8_t hashed;              /* load: the engine computed `computed` (KVU_OP_CHECKSUM) */
+    uint8_t fixed;               /* its last transfer used registered buffers */
     uint8_t flags[KVU_MAX_CHAIN];
     int32_t rule[KVU_MAX_CHAIN];
     int32_t res[KVU_MAX_CHAIN];

@@ -45,9 +45,10 @@ static void push_transfer(struct kvu_core *c, struct block *b, int reading, unsi
     int fixed = -1;
     if (c->nspans && !b->bounce && (!c->cfg.verify || c->cfg.trailer_index >= 0))
         fixed = fixed_index(c, b->addr, bs);
+    b->fixed = 0;
     if (fixed >= 0) {
         int op = reading ? IORING_OP_READ_FIXED : IORING_OP_WRITE_FIXED;
-        c->st.fixed_transfers++;
+        b->fixed = 1; /* counted when the block ends well (a chain may run twice) */
         b->want[0] = bs;
         b->ntransfer = 1;
         kvu_push(c, b, op, flags, slot, b->addr, bs, 0, 0, (uint64_t)fixed, prio, (int32_t)bs);
