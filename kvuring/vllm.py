@@ -7,7 +7,8 @@ vLLM (0.33 or newer) loads it from a tier config dict, without patching vLLM::
 
 Every other key of the dict is a constructor keyword (``verify``,
 ``direct``, ``queue_depth``, ``backend``, ``namespace``, ``prioritize_loads``,
-``enable_kv_events``, ``locality``, ``known_keys``, ``io_timeout``, ``durable``).  The tier runs on a
+``enable_kv_events``, ``locality``, ``known_keys``, ``io_timeout``, ``durable``,
+``capacity_bytes``).  The tier runs on a
 :class:`~kvuring.PollingStore`: each ``submit_store``/``submit_load`` is one
 batch submitted at once, ``get_finished_jobs`` polls without blocking, and
 all lookups of a scheduler step become one presence batch at
@@ -111,6 +112,7 @@ class KvuringTier(_SecondaryTierManager):  # type: ignore[misc]
         known_keys: int = 1 << 20,
         io_timeout: float | None = 30.0,
         durable: bool = False,
+        capacity_bytes: int | None = None,
         backpressure_detector: Any = None,
     ) -> None:
         super().__init__(offloading_spec, primary_kv_view, tier_type, backpressure_detector)
@@ -152,6 +154,7 @@ class KvuringTier(_SecondaryTierManager):  # type: ignore[misc]
                 root_dir, self._chunk_bytes, namespace=namespace, backend=backend, direct=direct,
                 verify=verify, queue_depth=queue_depth, prioritize_loads=prioritize_loads,
                 layout=self.layout, io_timeout=io_timeout, durable=durable,
+                capacity_bytes=capacity_bytes,
             )  # fmt: skip
         except ValueError as exc:
             if derived and "namespace" in str(exc):
