@@ -229,8 +229,17 @@ def test_flock(fs: FaultFS) -> None:
             fcntl.flock(b, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fcntl.flock(a, fcntl.LOCK_UN)
         fcntl.flock(b, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.close(b)  # closing drops the lock
-        fcntl.flock(a, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        os.close(b)  # closing drops the lock ...
+        # ... once FUSE's release of b reaches the daemon, which the kernel
+        # sends in the background after close returns
+        for _ in range(200):
+            try:
+                fcntl.flock(a, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.01)
+        else:
+            fcntl.flock(a, fcntl.LOCK_SH | fcntl.LOCK_NB)
         os.close(a)
 
     call(work)
