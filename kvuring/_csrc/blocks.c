@@ -295,6 +295,8 @@ void kvu_finish(struct kvu_core *c, struct block *b, int status, int32_t error)
     }
     batch->status[b->index] = status;
     batch->error[b->index] = error;
+    if (batch->root_out)
+        batch->root_out[b->index] = b->root;
     switch (status) {
     case KVU_STORED:
         c->st.stored++;
