@@ -203,3 +203,13 @@ async def test_a_failing_root_is_skipped_and_used_again(
         assert store.stats()["roots"][0]["healthy"] is True
         _o2, out2 = rows(len(on_fuse), BS)
         assert await store.get_many(on_fuse, out2) == [Status.HIT] * len(on_fuse)
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+async def test_auto_takes_the_thread_engine_over_several_roots(
+    roots: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KVURING_BACKEND", raising=False)
+    async with BlockStore(roots, BS, backend="auto") as store:
+        assert store.stats()["engine"] == "threads"
+        assert store.stats()["ring"]["threads"] == 48  # 16 per root
