@@ -73,7 +73,7 @@ class CoreBatch:
     """One batch in the core: the C struct and every array it points at, kept until done."""
 
     __slots__ = ("addrs", "c", "error", "holds", "keys", "n", "offsets", "on_done", "pins",
-                 "psum_out", "psums", "status")  # fmt: skip
+                 "psum_out", "psums", "root_in", "root_out", "status")  # fmt: skip
 
     def __init__(
         self,
@@ -85,6 +85,7 @@ class CoreBatch:
         ready: int | None = None,
         defer_verify: bool = False,
         quiet: bool = False,
+        root_in: bytes | None = None,
     ) -> None:
         n = len(keys)
         c = ffi.new("struct kvu_batch *")
@@ -120,6 +121,21 @@ class CoreBatch:
             c.psum_out = self.psum_out
             c.defer_verify = 1
         c.quiet = int(quiet)
+        self.root_out: Any = None
+        # Each block to one root only (by index), none other tried: an eviction
+        # removes the copy on the root whose budget it is for.
+        self.root_in = root_in
+        if root_in is not None:
+            if len(root_in) != n:
+                raise ValueError(f"root_in: {len(root_in)} roots for {n} keys")
+            c.root_in = ffi.from_buffer("uint8_t[]", root_in)
+
+    def give_root_out(self) -> Any:
+        """An array the core fills with the root each block ended on (read it once done)."""
+        if self.root_out is None:
+            self.root_out = ffi.new("uint8_t[]", max(1, self.n))
+            self.c.root_out = self.root_out
+        return self.root_out
 
     def give_psums(self) -> Any:
         """An array for the payload checksums of a store batch (filled before ``ready`` rises)."""
@@ -192,6 +208,9 @@ class BlockCore:
             root.id = rid
         cfg.nroots = 1 + len(roots)
         self._nroots = 1 + len(roots)
+        #: the configuration, kept for kvu_rank_roots (first_roots)
+        self._cfg = cfg
+        self._rank = ffi.new("uint8_t[]", lib.KVU_MAX_ROOTS)
         cfg.block_size = block_size
         cfg.verify = int(verify)
         cfg.slots = slots
@@ -338,6 +357,25 @@ class BlockCore:
             "in_flight": int(st.inflight),
             "lent": int(st.lent),
         }
+
+    def first_roots(self, kbs: Sequence[bytes]) -> list[int]:
+        """The root each key's store goes to now: its first root by rank that is not failing.
+
+        (The core's choice, but for a failing root's probe: a root marked
+        failing counts as skipped here.  Every root failing: the first.)
+        """
+        if self._nroots == 1 or self.closed:
+            return [0] * len(kbs)
+        cfg, rank, rank_roots = self._cfg, self._rank, lib.kvu_rank_roots
+        down = {i for i in range(self._nroots) if lib.kvu_core_root(self._c, i).down}
+        out = []
+        for kb in kbs:
+            rank_roots(cfg, kb, len(kb), rank)
+            first = rank[0]
+            if down and first in down:
+                first = next((r for r in rank[0 : self._nroots] if r not in down), first)
+            out.append(first)
+        return out
 
     def lent(self) -> int:
         """Blocks that ended for their callers while the kernel still has their chains."""

@@ -30,6 +30,12 @@ What is kept, and where:
   and removed with one DELETE batch through the block core, queued ahead of
   the put and running beside it.  A namespace found over budget by a scan
   (at open, or later) is trimmed the same way, in the background.
+* **Several roots: all of the above per root** (:class:`RootBudget`): each
+  root has its budget, index, reservations and evictions.  The core reports
+  the root each block ended on (the batch's ``root_out``), a put reserves on
+  the root the core will pick (``BlockCore.first_roots``), and an eviction's
+  DELETE batch pins each victim to its root (``root_in``), so a copy of the
+  key on another root stays.  One worker thread scans every root.
 
 All index changes happen on the owner's thread (the event loop's, or the
 polling caller's); the worker thread only scans, sorts and touches files,
@@ -62,6 +68,7 @@ from kvuring._format import (
 )
 
 if TYPE_CHECKING:
+    from kvuring._namespace import Namespace
     from kvuring._runner import BatchRunner, Job
 
 log = logging.getLogger("kvuring")
@@ -87,12 +94,27 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _HEX = frozenset("0123456789abcdef")
 
 
-def check_capacity(capacity_bytes: object) -> int | None:
-    """``capacity_bytes``: None (no budget) or a positive int."""
+def check_capacity(capacity_bytes: object, nroots: int = 1) -> list[int] | None:
+    """``capacity_bytes``: None (no budget), a positive int (each root's budget), or a list
+    or tuple of them, one per root.  Returns the budget of each root."""
     if capacity_bytes is None:
         return None
+    if isinstance(capacity_bytes, (list, tuple)):
+        if len(capacity_bytes) != nroots:
+            raise ValueError(
+                f"capacity_bytes: {len(capacity_bytes)} budgets for {nroots} "
+                f"root{'s' if nroots != 1 else ''} (give one per root, or one int for each)"
+            )
+        return [_check_budget(one) for one in capacity_bytes]
+    return [_check_budget(capacity_bytes)] * nroots
+
+
+def _check_budget(capacity_bytes: object) -> int:
     if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int):
-        raise TypeError(f"capacity_bytes must be an int or None, not {capacity_bytes!r}")
+        raise TypeError(
+            f"capacity_bytes must be an int, a list of ints (one per root) or None, "
+            f"not {capacity_bytes!r}"
+        )
     if capacity_bytes <= 0:
         raise ValueError(f"capacity_bytes must be positive, got {capacity_bytes}")
     return int(capacity_bytes)
@@ -112,11 +134,22 @@ def rescan_seconds() -> float:
     return value
 
 
-def capacity_stats(capacity: Capacity | None, capacity_bytes: int | None) -> dict[str, Any]:
-    """The budget's keys of stats(); ``used_bytes`` is None without a budget."""
+def capacity_stats(capacity: Capacity | None, budgets: list[int] | None) -> dict[str, Any]:
+    """The budget's keys of stats() (totals over the roots); ``used_bytes`` is None without a budget."""
     if capacity is None:
-        return {"capacity_bytes": capacity_bytes, "used_bytes": None, "evicted": 0}
+        total = sum(budgets) if budgets is not None else None
+        return {"capacity_bytes": total, "used_bytes": None, "evicted": 0}
     return capacity.stats()
+
+
+def capacity_root_stats(
+    capacity: Capacity | None, budgets: list[int] | None, root: int
+) -> dict[str, Any]:
+    """The budget's keys of stats()["roots"][root]."""
+    if capacity is None:
+        return {"capacity_bytes": budgets[root] if budgets is not None else None,
+                "used_bytes": None, "evicted": 0}  # fmt: skip
+    return capacity.root_stats(root)
 
 
 ScanEntry = tuple[int, bytes, int]  # (mtime in ns, key, file bytes)
@@ -208,113 +241,33 @@ def scan_namespace(
     return out
 
 
-class Capacity:
-    """The budget of one store object: its index, its evictions, its worker thread."""
+class RootBudget:
+    """One root's share: its budget, its index, its reservations and evictions."""
 
-    def __init__(
-        self, runner: BatchRunner, capacity_bytes: int, *, closed: Callable[[], bool]
-    ) -> None:
-        ns = runner.ns
-        self.runner = runner
+    def __init__(self, number: int, capacity_bytes: int, fd: int) -> None:
+        self.number = number
         self.capacity = capacity_bytes
         self.low = int(capacity_bytes * LOW_WATER)
-        self.file_size = ns.block_size + (TRAILER_SIZE if ns.verify else 0)
-        self.layout = ns.layout
-        self.suffix = VERIFIED_SUFFIX if ns.verify else RAW_SUFFIX
-        self._closed_owner = closed
         #: key -> file bytes, least recently used first
         self.index: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         self.used = 0  # bytes in the index
-        self.reserved = 0  # bytes of new keys in put batches in flight
-        self._incoming: dict[int, int] = {}  # id(job) -> its reserved bytes
-        self._evicting: set[bytes] = set()  # victims whose delete is in flight
+        self.reserved = 0  # bytes of new keys in put batches in flight, bound for this root
+        self.evicting: set[bytes] = set()  # victims whose delete is in flight
         self.evicted = 0
-        self.evictions = 0  # delete batches sent
-        self.scans = 0
-        self.scan_seconds = 0.0
-        self.scan_failures = 0
-        self._scan_done_at = time.monotonic()
-        # What this store did while a scan runs, replayed onto its result:
-        # (True, keys) used, (False, keys) gone.  None when no scan runs.
-        self._journal: list[tuple[bool, Sequence[bytes]]] | None = None
-        # mtime bumps: keys bumped (or stored) in the current second
-        self._second = 0
-        self._touched: set[bytes] = set()
-        self._queued = 0  # keys handed to the worker (the owner counts)
-        self._applied = 0  # keys the worker is done with (the worker counts)
-        self.touches = 0  # mtimes bumped
-        self.touch_errors = 0
-        self.touch_dropped = 0
-        self.interval = rescan_seconds()
-        # The worker: its own descriptor of the namespace (the store's may
-        # close under it), a FIFO of touches and scan requests.
-        # (None: scan now, after the touches queued before it)
-        self._queue: collections.deque[list[bytes] | None] = collections.deque()
-        self._wake = threading.Event()
-        self._stop = False
-        self._garbage: list[object] = []  # old indexes, freed on the worker
-        self._fd = os.open(".", _DIR_FLAGS, dir_fd=ns.ns_fd)
-        self._thread = threading.Thread(target=self._work, name="kvuring-capacity", daemon=True)
-        self._request_scan()
-        self._thread.start()
+        # What this store did on the root while a scan runs, replayed onto its
+        # result: (True, keys) used, (False, keys) gone.  None when no scan runs.
+        self.journal: list[tuple[bool, Sequence[bytes]]] | None = None
+        self.touched: set[bytes] = set()  # keys bumped (or stored) in the current second
+        #: the worker's descriptor of the root's namespace (the store's may close under it)
+        self.fd = fd
 
-    # -- the owner's side: calls ----------------------------------------------------
-    def starting(self, job: Job) -> None:
-        """A batch is about to be queued: a put reserves its new keys' bytes and evicts if needed."""
-        if job.kind != core_api.STORE:
-            return
-        index = self.index
-        move = index.move_to_end
-        new = 0
-        for kb in job.kbs:
-            if kb in index:
-                move(kb)  # EXISTS is use: young, and never this put's victim
-            else:
-                new += 1
-        if new:
-            incoming = new * self.file_size
-            self._incoming[id(job)] = incoming
-            self.reserved += incoming
-        if self.used + self.reserved > self.capacity:
-            self._evict(job.kbs)
+    def over(self) -> bool:
+        return self.used + self.reserved > self.capacity
 
-    def finished(self, job: Job) -> None:
-        """A batch is over: what it found goes into the index and the recency queue."""
-        kind = job.kind
-        kbs = job.kbs
-        status = job.batch.status
-        if kind == core_api.STORE:
-            self.reserved -= self._incoming.pop(id(job), 0)
-            stored = status.count(core_api.STORED)
-            if stored == len(kbs):
-                self._use(kbs)
-                self._fresh(kbs)
-                return
-            ok = (core_api.STORED, core_api.EXISTS)
-            self._use([kb for kb, st in zip(kbs, status) if st in ok])
-            if stored:
-                self._fresh([kb for kb, st in zip(kbs, status) if st == core_api.STORED])
-            if status.count(core_api.EXISTS):
-                self._bump([kb for kb, st in zip(kbs, status) if st == core_api.EXISTS])
-        elif kind == core_api.LOAD:
-            hits = status.count(core_api.HIT)
-            if hits == len(kbs):
-                found: Sequence[bytes] = kbs
-            else:
-                found = [kb for kb, st in zip(kbs, status) if st == core_api.HIT]
-                gone = (core_api.MISS, core_api.CORRUPT)
-                self._gone([kb for kb, st in zip(kbs, status) if st in gone])
-            if found:
-                self._use(found)
-                self._bump(found)
-        elif kind == core_api.DELETE:
-            self._gone(kbs)
-
-    def _use(self, kbs: Sequence[bytes]) -> None:
+    def use(self, kbs: Sequence[bytes], size: int) -> None:
         """The blocks are present and were just used: to the young end (added if unknown)."""
         index = self.index
         move = index.move_to_end
-        size = self.file_size
         added = 0
         for kb in kbs:
             if kb in index:
@@ -323,33 +276,235 @@ class Capacity:
                 index[kb] = size
                 added += 1
         self.used += added * size
-        if self._journal is not None:
-            self._journal.append((True, kbs))
+        if self.journal is not None:
+            self.journal.append((True, kbs))
 
-    def _gone(self, kbs: Sequence[bytes]) -> None:
-        """The blocks are no longer there (MISS, CORRUPT, deleted, evicted)."""
+    def gone(self, kbs: Sequence[bytes]) -> None:
+        """The blocks are no longer on this root (MISS, CORRUPT, deleted, evicted)."""
         pop = self.index.pop
         freed = 0
         for kb in kbs:
             freed += pop(kb, 0)
         self.used -= freed
-        if self._journal is not None:
-            self._journal.append((False, kbs))
+        if self.journal is not None:
+            self.journal.append((False, kbs))
 
-    def _second_now(self) -> set[bytes]:
+    def install(
+        self, found: collections.OrderedDict[bytes, int] | None, used: int, size: int
+    ) -> collections.OrderedDict[bytes, int] | None:
+        """A scan's result, with the journal replayed onto it; the old index (None: the scan failed)."""
+        journal, self.journal = self.journal, None
+        if found is None:
+            return None
+        old = self.index
+        self.index = found
+        self.used = used
+        self.gone(list(self.evicting))  # deletes in flight that the scan still saw
+        for used_now, kbs in journal or ():
+            if used_now:
+                self.use(kbs, size)
+            else:
+                self.gone(kbs)
+        return old
+
+
+def _by_root(
+    kbs: Sequence[bytes], status: Sequence[int], where: Any
+) -> dict[int, tuple[list[bytes], list[int]]]:
+    """The blocks grouped by the root they ended on: (keys, statuses) per root."""
+    out: dict[int, tuple[list[bytes], list[int]]] = {}
+    for i, (kb, st) in enumerate(zip(kbs, status)):
+        r = where[i]
+        group = out.get(r)
+        if group is None:
+            out[r] = ([kb], [st])
+        else:
+            group[0].append(kb)
+            group[1].append(st)
+    return out
+
+
+_GONE_HERE = (core_api.MISS, core_api.CORRUPT)
+_CORRUPT_ONLY = (core_api.CORRUPT,)
+
+
+class Capacity:
+    """The budget of one store object: each root's index and evictions, one worker thread."""
+
+    def __init__(
+        self,
+        runner: BatchRunner,
+        budgets: Sequence[int],
+        *,
+        namespaces: Sequence[Namespace] | None = None,
+        closed: Callable[[], bool],
+    ) -> None:
+        ns = runner.ns
+        spaces = list(namespaces) if namespaces is not None else [ns]
+        if len(budgets) != len(spaces):
+            raise ValueError(f"{len(budgets)} budgets for {len(spaces)} roots")
+        self.runner = runner
+        self.file_size = ns.block_size + (TRAILER_SIZE if ns.verify else 0)
+        self.layout = ns.layout
+        self.suffix = VERIFIED_SUFFIX if ns.verify else RAW_SUFFIX
+        self._closed_owner = closed
+        self._incoming: dict[int, list[int]] = {}  # id(job) -> its reserved bytes, per root
+        self.evictions = 0  # delete batches sent
+        self.scans = 0
+        self.scan_seconds = 0.0
+        self.scan_failures = 0
+        self._scan_done_at = time.monotonic()
+        self._scanning = False  # one scan (of every root) at a time
+        self._second = 0  # the current second of the mtime bumps (each root keeps its keys)
+        self._queued = 0  # keys handed to the worker (the owner counts)
+        self._applied = 0  # keys the worker is done with (the worker counts)
+        self.touches = 0  # mtimes bumped
+        self.touch_errors = 0
+        self.touch_dropped = 0
+        self.interval = rescan_seconds()
+        # The worker: its own descriptor of each root's namespace, a FIFO of
+        # touches (root, keys) and scan requests (None: scan every root now,
+        # after the touches queued before it).
+        self._queue: collections.deque[tuple[RootBudget, list[bytes]] | None] = collections.deque()
+        self._wake = threading.Event()
+        self._stop = False
+        self._garbage: list[object] = []  # old indexes, freed on the worker
+        self.roots: list[RootBudget] = []
+        try:
+            for i, (space, budget) in enumerate(zip(spaces, budgets)):
+                fd = os.open(".", _DIR_FLAGS, dir_fd=space.ns_fd)
+                self.roots.append(RootBudget(i, budget, fd))
+        except BaseException:
+            for root in self.roots:
+                os.close(root.fd)
+            raise
+        self.capacity = sum(budgets)
+        self._several = len(self.roots) > 1
+        self._thread = threading.Thread(target=self._work, name="kvuring-capacity", daemon=True)
+        self._request_scan()
+        self._thread.start()
+
+    # -- the owner's side: calls ----------------------------------------------------
+    def starting(self, job: Job) -> None:
+        """A batch is about to be queued: a put reserves its new keys' bytes and evicts if needed."""
+        kind = job.kind
+        kbs = job.kbs
+        several = self._several
+        if several and kbs and kind in (core_api.STORE, core_api.LOAD):
+            job.batch.give_root_out()  # the root each block ends on, for finished()
+        if kind != core_api.STORE:
+            return
+        roots = self.roots
+        if not several:
+            index = roots[0].index
+            move = index.move_to_end
+            new = 0
+            for kb in kbs:
+                if kb in index:
+                    move(kb)  # EXISTS is use: young, and never this put's victim
+                else:
+                    new += 1
+            counts = [new]
+        else:
+            # Each block is bound for the root the core picks (its first by rank
+            # that is not failing); one that ends elsewhere (its root failed or
+            # was full) is accounted where it ended by finished().
+            counts = [0] * len(roots)
+            indexes = [root.index for root in roots]
+            for kb, r in zip(kbs, self.runner.core.first_roots(kbs)):
+                index = indexes[r]
+                if kb in index:
+                    index.move_to_end(kb)
+                else:
+                    counts[r] += 1
+        if any(counts):
+            size = self.file_size
+            incoming = [n * size for n in counts]
+            self._incoming[id(job)] = incoming
+            for root, add in zip(roots, incoming):
+                root.reserved += add
+        over = [root for root in roots if root.over()]
+        if over:
+            self._evict(kbs, over)
+
+    def finished(self, job: Job) -> None:
+        """A batch is over: what it found goes into the index and the recency queue."""
+        kind = job.kind
+        kbs = job.kbs
+        roots = self.roots
+        if kind == core_api.DELETE:
+            for root in roots:  # a delete visits every root
+                root.gone(kbs)
+            return
+        if kind == core_api.STORE:
+            incoming = self._incoming.pop(id(job), None)
+            if incoming is not None:
+                for root, add in zip(roots, incoming):
+                    root.reserved -= add
+        elif kind != core_api.LOAD:
+            return
+        status = job.batch.status
+        where = job.batch.root_out
+        if not self._several or where is None:
+            self._finished_on(roots[0], kind, kbs, status, _GONE_HERE)
+            return
+        # A load's MISS went through every root: gone from each.  A CORRUPT
+        # block is gone from the root it ended on (it was removed there).
+        if kind == core_api.LOAD and status.count(core_api.MISS):
+            missed = [kb for kb, st in zip(kbs, status) if st == core_api.MISS]
+            for root in roots:
+                root.gone(missed)
+        for r, (some, their) in _by_root(kbs, status, where).items():
+            self._finished_on(roots[r], kind, some, their, _CORRUPT_ONLY)
+
+    def _finished_on(
+        self,
+        root: RootBudget,
+        kind: int,
+        kbs: Sequence[bytes],
+        status: Sequence[int],
+        gone: tuple[int, ...],
+    ) -> None:
+        """finished() for the blocks of a batch that ended on ``root``."""
+        size = self.file_size
+        if kind == core_api.STORE:
+            stored = status.count(core_api.STORED)
+            if stored == len(kbs):
+                root.use(kbs, size)
+                self._fresh(root, kbs)
+                return
+            ok = (core_api.STORED, core_api.EXISTS)
+            root.use([kb for kb, st in zip(kbs, status) if st in ok], size)
+            if stored:
+                self._fresh(root, [kb for kb, st in zip(kbs, status) if st == core_api.STORED])
+            if status.count(core_api.EXISTS):
+                self._bump(root, [kb for kb, st in zip(kbs, status) if st == core_api.EXISTS])
+        else:
+            hits = status.count(core_api.HIT)
+            if hits == len(kbs):
+                found: Sequence[bytes] = kbs
+            else:
+                found = [kb for kb, st in zip(kbs, status) if st == core_api.HIT]
+                root.gone([kb for kb, st in zip(kbs, status) if st in gone])
+            if found:
+                root.use(found, size)
+                self._bump(root, found)
+
+    def _second_now(self, root: RootBudget) -> set[bytes]:
         now = int(time.time() / TOUCH_INTERVAL)
         if now != self._second:
             self._second = now
-            self._touched = set()
-        return self._touched
+            for one in self.roots:
+                one.touched = set()
+        return root.touched
 
-    def _fresh(self, kbs: Sequence[bytes]) -> None:
+    def _fresh(self, root: RootBudget, kbs: Sequence[bytes]) -> None:
         """Stored just now: their mtime is this second's already."""
-        self._second_now().update(kbs)
+        self._second_now(root).update(kbs)
 
-    def _bump(self, kbs: Sequence[bytes]) -> None:
+    def _bump(self, root: RootBudget, kbs: Sequence[bytes]) -> None:
         """Persist the use as the files' mtime (on the worker), once per key per second."""
-        touched = self._second_now()
+        touched = self._second_now(root)
         todo = [kb for kb in kbs if kb not in touched]
         if not todo:
             return
@@ -359,79 +514,100 @@ class Capacity:
             return
         self._queued += len(todo)
         idle = not self._queue
-        self._queue.append(todo)
+        self._queue.append((root, todo))
         if idle:
             self._wake.set()  # the worker applies them now, beside the loads
 
     # -- eviction --------------------------------------------------------------------
-    def _evict(self, protect: Iterable[bytes]) -> None:
-        """Take the oldest blocks (not ``protect``) out until indexed + reserved <= 95%; delete them."""
-        need = self.used + self.reserved - self.low
+    def _evict(self, protect: Iterable[bytes], over: Sequence[RootBudget]) -> None:
+        """On each root of ``over``: take the oldest blocks (not ``protect``) out until
+        indexed + reserved <= 95% of its budget; delete them, each on its root only."""
         guard = set(protect)
-        victims: list[bytes] = []
-        freed = 0
-        if need > 0:
-            for kb, size in self.index.items():
-                if kb in guard:
-                    continue
-                victims.append(kb)
-                freed += size
-                if freed >= need:
-                    break
+        picked: list[tuple[RootBudget, list[bytes]]] = []
+        for root in over:
+            need = root.used + root.reserved - root.low
+            victims: list[bytes] = []
+            freed = 0
+            if need > 0:
+                for kb, size in root.index.items():
+                    if kb in guard:
+                        continue
+                    victims.append(kb)
+                    freed += size
+                    if freed >= need:
+                        break
+            if victims:
+                picked.append((root, victims))
         self._request_scan(because_full=True)
-        if not victims:
+        if not picked:
             return
-        self._gone(victims)
-        self._evicting.update(victims)
+        keys: list[bytes] = []
+        pins = bytearray()
+        for root, victims in picked:
+            root.gone(victims)
+            root.evicting.update(victims)
+            keys += victims
+            pins += bytes([root.number]) * len(victims)
         self.evictions += 1
-        batch = CoreBatch(core_api.DELETE, victims, None, quiet=True)
+        # With several roots each victim is pinned to its root: the copy on
+        # the root that is over budget goes, a copy elsewhere stays.
+        batch = CoreBatch(core_api.DELETE, keys, None, quiet=True,
+                          root_in=bytes(pins) if self._several else None)  # fmt: skip
 
         def deleted(done: CoreBatch) -> None:
-            self.evicted += done.status.count(core_api.PRESENT)
-            self._evicting.difference_update(victims)
+            status = done.status
+            at = 0
+            for root, victims in picked:
+                n = len(victims)
+                root.evicted += status[at : at + n].count(core_api.PRESENT)
+                root.evicting.difference_update(victims)
+                at += n
 
         runner = self.runner
         runner.core.add(batch, deleted)
         runner._kick()
 
     def _trim(self) -> None:
-        """After a scan: evict while over budget (a namespace found too full)."""
-        if self.used + self.reserved > self.capacity and not self._owner_closed():
-            self._evict(())
+        """After a scan: evict while over budget (a root found too full)."""
+        over = [root for root in self.roots if root.over()]
+        if over and not self._owner_closed():
+            self._evict((), over)
 
     def _owner_closed(self) -> bool:
         return self._stop or self._closed_owner() or self.runner.core.closed
 
-    # -- scans: the owner asks, the worker scans, the owner installs ------------------
+    # -- scans: the owner asks, the worker scans every root, the owner installs --------
     def _request_scan(self, *, because_full: bool = False) -> None:
-        if self._journal is not None or self._owner_closed():
+        if self._scanning or self._owner_closed():
             return  # one at a time
         if because_full:
             gap = max(min(RESCAN_MIN_GAP, self.interval), RESCAN_DUTY * self.scan_seconds)
             if time.monotonic() < self._scan_done_at + gap:
                 return
-        self._journal = []
+        self._scanning = True
+        for root in self.roots:
+            root.journal = []
         self._queue.append(None)
         self._wake.set()
 
-    def _install(self, found: collections.OrderedDict[bytes, int] | None, used: int) -> None:
-        """The worker's scan result, with this store's journal replayed onto it."""
-        journal, self._journal = self._journal, None
+    def _install(
+        self, results: list[tuple[collections.OrderedDict[bytes, int] | None, int]]
+    ) -> None:
+        """The worker's scan results (one per root), with each root's journal replayed onto it."""
+        self._scanning = False
         self._scan_done_at = time.monotonic()
-        if found is None or self._stop:
+        if self._stop:
+            for root in self.roots:
+                root.journal = None
             return
-        old = self.index
-        self.index = found
-        self.used = used
-        self._gone(list(self._evicting))  # deletes in flight that the scan still saw
-        assert journal is not None
-        for used_now, kbs in journal:
-            if used_now:
-                self._use(kbs)
-            else:
-                self._gone(kbs)
-        self._garbage.append(old)  # a big dict is freed on the worker, not here
-        self.scans += 1
+        installed = False
+        for root, (found, used) in zip(self.roots, results):
+            old = root.install(found, used, self.file_size)
+            if old is not None:
+                installed = True
+                self._garbage.append(old)  # a big dict is freed on the worker, not here
+        if installed:
+            self.scans += 1
         self._trim()
 
     def _post(self, fn: Callable[[], None]) -> None:
@@ -456,17 +632,18 @@ class Capacity:
                                 self.interval, RESCAN_DUTY * self.scan_seconds
                             )
                     else:
-                        self._touch(item)
+                        self._touch(*item)
                 if self._stop:
                     return
                 if time.monotonic() >= next_scan:
                     next_scan = float("inf")  # until the scan the owner queues is done
                     self._post(self._request_scan)
         finally:
-            os.close(self._fd)
+            for root in self.roots:
+                os.close(root.fd)
 
-    def _touch(self, kbs: list[bytes]) -> None:
-        fd = self._fd
+    def _touch(self, root: RootBudget, kbs: list[bytes]) -> None:
+        fd = root.fd
         vllm = self.layout == "vllm"
         suffix = self.suffix.encode()
         done = 0
@@ -484,39 +661,50 @@ class Capacity:
 
     def _scan(self) -> None:
         t0 = time.monotonic()
-        try:
-            entries = scan_namespace(
-                self._fd, layout=self.layout, suffix=self.suffix, file_size=self.file_size,
-                stop=lambda: self._stop,
-            )  # fmt: skip
-        except OSError as exc:
-            log.warning("kvuring: capacity scan of the namespace failed: %s", exc)
-            self.scan_failures += 1
-            entries = None
-        found: collections.OrderedDict[bytes, int] | None = None
-        used = 0
-        if entries is not None:
-            found = collections.OrderedDict((kb, size) for _, kb, size in entries)
-            used = sum(map(itemgetter(2), entries))
-            del entries
+        results: list[tuple[collections.OrderedDict[bytes, int] | None, int]] = []
+        for root in self.roots:
+            try:
+                entries = scan_namespace(
+                    root.fd, layout=self.layout, suffix=self.suffix, file_size=self.file_size,
+                    stop=lambda: self._stop,
+                )  # fmt: skip
+            except OSError as exc:
+                log.warning("kvuring: capacity scan of root %d's namespace failed: %s",
+                            root.number, exc)  # fmt: skip
+                self.scan_failures += 1
+                entries = None
+            found: collections.OrderedDict[bytes, int] | None = None
+            used = 0
+            if entries is not None:
+                found = collections.OrderedDict((kb, size) for _, kb, size in entries)
+                used = sum(map(itemgetter(2), entries))
+                del entries
+            results.append((found, used))
         self.scan_seconds = time.monotonic() - t0
-        self._post(lambda: self._install(found, used))
+        self._post(lambda: self._install(results))
 
     # -- results ---------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
+        roots = self.roots
         return {
             "capacity_bytes": self.capacity,
-            "used_bytes": self.used,
-            "used_blocks": len(self.index),
-            "evicted": self.evicted,
+            "used_bytes": sum(root.used for root in roots),
+            "used_blocks": sum(len(root.index) for root in roots),
+            "evicted": sum(root.evicted for root in roots),
             "evictions": self.evictions,
-            "evicting": len(self._evicting),
+            "evicting": sum(len(root.evicting) for root in roots),
             "capacity_scans": self.scans,
             "capacity_scan_seconds": round(self.scan_seconds, 6),
             "recency_updates": self.touches,
             "recency_errors": self.touch_errors,
             "recency_dropped": self.touch_dropped,
         }
+
+    def root_stats(self, number: int) -> dict[str, Any]:
+        """stats()["roots"][number]'s budget keys."""
+        root = self.roots[number]
+        return {"capacity_bytes": root.capacity, "used_bytes": root.used,
+                "used_blocks": len(root.index), "evicted": root.evicted}  # fmt: skip
 
     def close(self) -> None:
         """Stop the worker: it applies the touches still queued (up to CLOSE_WAIT s), then exits."""

@@ -14,7 +14,7 @@ from typing import Any
 import xxhash
 
 from kvuring._blocks import BlockCore
-from kvuring._capacity import Capacity, capacity_stats, check_capacity
+from kvuring._capacity import Capacity, capacity_root_stats, capacity_stats, check_capacity
 from kvuring._driver import Driver
 from kvuring._format import check_layout, check_namespace
 from kvuring._namespace import Namespace
@@ -162,7 +162,7 @@ class StoreFrontEnd:
         layout: str = "kvuring",
         io_timeout: float | None = 30.0,
         durable: bool = False,
-        capacity_bytes: int | None = None,
+        capacity_bytes: int | Sequence[int] | None = None,
     ) -> None:
         check_options(block_size, direct, queue_depth, verify=verify,
                       prioritize_loads=prioritize_loads, fixed_buffers=fixed_buffers)  # fmt: skip
@@ -170,16 +170,16 @@ class StoreFrontEnd:
         if not isinstance(durable, bool):
             raise TypeError(f"durable must be True or False, not {durable!r}")
         self.durable = durable
-        self.capacity_bytes = check_capacity(capacity_bytes)
         self.layout = check_layout(layout, bool(verify))
         #: every root; a key lives on one of them (rendezvous hashing), see docs/disks.md
         self.roots = check_roots(root)
         self.root = self.roots[0]
-        if self.capacity_bytes is not None and len(self.roots) > 1:
-            raise ValueError(
-                "capacity_bytes with several roots is not supported yet (the budget would "
-                "cover only the first root); give each disk its own store for now"
-            )
+        #: each root's disk budget (docs/capacity.md), or None
+        self.capacity_budgets = check_capacity(capacity_bytes, len(self.roots))
+        #: the budgets' total, or None
+        self.capacity_bytes = (
+            sum(self.capacity_budgets) if self.capacity_budgets is not None else None
+        )
         self.block_size = block_size
         self.namespace = check_namespace(namespace)
         # KVURING_BACKEND steers the default "auto"; an explicit engine wins.
@@ -247,8 +247,9 @@ class StoreFrontEnd:
         )  # fmt: skip
         self._runner = BatchRunner(self._ns, core, self._fixed if self._fixed_ready else None,
                                    kick=kick, post=post)  # fmt: skip
-        if self.capacity_bytes is not None:
-            self._runner.capacity = Capacity(self._runner, self.capacity_bytes,
+        if self.capacity_budgets is not None:
+            self._runner.capacity = Capacity(self._runner, self.capacity_budgets,
+                                             namespaces=self._namespaces,
                                              closed=lambda: self.closed)  # fmt: skip
 
     def _stop(self) -> bool:
@@ -294,14 +295,16 @@ class StoreFrontEnd:
             raise
 
     def _roots_stats(self) -> list[dict[str, Any]]:
-        """stats()["roots"]: each root's path, health and counts."""
+        """stats()["roots"]: each root's path, health, counts and budget."""
         runner = self._runner
+        capacity = runner.capacity if runner is not None else None
         out = []
         for i, (path, ns) in enumerate(zip(self.roots, [self._ns, *self._more_ns])):
             entry: dict[str, Any] = {"path": path, "filesystem": ns.filesystem,
                                      "direct_io": ns.direct.enabled}  # fmt: skip
             if runner is not None:
                 entry.update(runner.core.root_stats(i))
+            entry.update(capacity_root_stats(capacity, self.capacity_budgets, i))
             out.append(entry)
         return out
 
@@ -342,7 +345,7 @@ class StoreFrontEnd:
         out = store_stats(self._ns, self._runner, self._fixed, self._fixed_ready, engine)
         out["roots"] = self._roots_stats()
         runner = self._runner
-        out.update(capacity_stats(runner.capacity if runner else None, self.capacity_bytes))
+        out.update(capacity_stats(runner.capacity if runner else None, self.capacity_budgets))
         return out
 
 

@@ -113,8 +113,8 @@ def test_roots_are_checked(roots: list[Path]) -> None:
         BlockStore([roots[0], str(roots[0])], BS)
     with pytest.raises(TypeError, match="path"):
         BlockStore([roots[0], 3], BS)  # type: ignore[list-item]
-    with pytest.raises(ValueError, match="several roots"):
-        BlockStore(roots, BS, capacity_bytes=1 << 20)
+    with pytest.raises(ValueError, match="2 budgets for 3 roots"):
+        BlockStore(roots, BS, capacity_bytes=[1 << 20, 1 << 20])
     with pytest.raises(ValueError, match="at most 16"):
         BlockStore([f"{roots[0]}/{i}" for i in range(17)], BS)
 

@@ -232,12 +232,26 @@ int kvu_prepare(struct kvu_core *c, struct block *b)
     struct kvu_batch *batch = b->batch;
     unsigned i = b->index;
     uint64_t bs = c->cfg.block_size;
-    b->nrank = (uint8_t)kvu_rank_roots(&c->cfg, b->key, b->klen, b->rank);
     b->tried_failed = 0;
     b->root_error = 0;
     b->on_root = 0;
-    if (b->nrank < 2 || !kvu_pick_root(c, b, 0))
-        kvu_set_root(c, b, 0); /* one root, or every root failing: the first-ranked one */
+    if (batch->root_in) {
+        /* pinned to one root (an eviction removes one root's copy): no other is tried */
+        b->nrank = 1;
+        b->pos = 0;
+        b->rank[0] = batch->root_in[i];
+        if (b->rank[0] >= c->cfg.nroots) {
+            b->user = b->addr = 0;
+            b->bounce = NULL;
+            kvu_finish(c, b, KVU_FAILED, kvu_fail(c, -EINVAL));
+            return -1;
+        }
+        kvu_set_root(c, b, 0);
+    } else {
+        b->nrank = (uint8_t)kvu_rank_roots(&c->cfg, b->key, b->klen, b->rank);
+        if (b->nrank < 2 || !kvu_pick_root(c, b, 0))
+            kvu_set_root(c, b, 0); /* one root, or every root failing: the first-ranked one */
+    }
     if (c->cfg.layout == KVU_LAYOUT_VLLM) {
         if (kvu_block_path_vllm(b->key, b->klen, b->leaf, b->path) < 0) {
             b->user = b->addr = 0;

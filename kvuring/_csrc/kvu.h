@@ -135,6 +135,7 @@ struct kvu_batch {
     const uint64_t *psums;    /* stores: payload checksums, or NULL to compute them */
     uint64_t *psum_out;       /* loads: the trailer's checksum, for KVU_UNVERIFIED blocks */
     uint8_t *root_out;        /* or NULL: the root each block ended on (several roots) */
+    const uint8_t *root_in;   /* or NULL: each block goes to this root only (evictions) */
     int32_t *status;          /* out: KVU_* per block */
     int32_t *error;           /* out: errno (FAILED) or why (CORRUPT) */
     unsigned defer_verify;    /* loads: leave the payload check to the caller */
