@@ -189,7 +189,7 @@ class BlockCore:
         durable: bool = False,
         keep_alive: object = None,
         root_id: int = 0,
-        extra_roots: Sequence[tuple[int, int, bool, int, int]] | None = None,
+        extra_roots: Sequence[tuple[int, int, bool, int, int, bytes]] | None = None,
     ) -> None:
         if len(marker) >= 64 or len(suffix) >= 8:
             raise ValueError("temp-file marker or suffix too long")
@@ -197,15 +197,18 @@ class BlockCore:
         roots = extra_roots or []
         if 1 + len(roots) > lib.KVU_MAX_ROOTS:
             raise ValueError(f"at most {lib.KVU_MAX_ROOTS} roots")
-        for i, (fd, reg, dio, align, rid) in enumerate(
-            [(ns_fd, reg_fd, direct, mem_align, root_id), *roots]
+        for i, (fd, reg, dio, align, rid, mark) in enumerate(
+            [(ns_fd, reg_fd, direct, mem_align, root_id, marker), *roots]
         ):
+            if len(mark) >= 64:
+                raise ValueError("temp-file marker too long")
             root = cfg.roots[i]
             root.ns_fd = fd
             root.reg_fd = reg
             root.direct = int(dio)
             root.mem_align = max(1, align)
             root.id = rid
+            root.marker = mark
         cfg.nroots = 1 + len(roots)
         self._nroots = 1 + len(roots)
         #: the configuration, kept for kvu_rank_roots (first_roots)
@@ -225,7 +228,6 @@ class BlockCore:
         cfg.noreplace = 1
         cfg.suffix = suffix
         cfg.layout = layout
-        cfg.marker = marker
         cfg.timeout_ns = int(timeout * 1e9) if timeout else 0
         cfg.fd_install = int(fd_install)
         cfg.durable = int(durable)

@@ -146,10 +146,12 @@ def start_core(
     return core, fixed, ready
 
 
-def _root_config(ns: Namespace, rid: int) -> tuple[int, int, bool, int, int]:
-    """One more root for the core: its namespace fd, registry fd, direct I/O, alignment, id."""
-    reg = ns.writer.fd if ns.writer is not None else -1
-    return (ns.ns_fd, reg, ns.direct.enabled, ns.direct.mem_align, rid)
+def _root_config(ns: Namespace, rid: int) -> tuple[int, int, bool, int, int, bytes]:
+    """One more root for the core: its namespace fd, registry fd, direct I/O, alignment, id,
+    and its writer's temp-file marker (each root's registry has its own token)."""
+    assert ns.writer is not None
+    return (ns.ns_fd, ns.writer.fd, ns.direct.enabled, ns.direct.mem_align, rid,
+            tmp_suffix(ns.writer.token))  # fmt: skip
 
 
 def _row_index(rows: object) -> Any:

@@ -213,3 +213,50 @@ async def test_auto_takes_the_thread_engine_over_several_roots(
     async with BlockStore(roots, BS, backend="auto") as store:
         assert store.stats()["engine"] == "threads"
         assert store.stats()["ring"]["threads"] == 48  # 16 per root
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+async def test_temp_files_carry_their_roots_writer_token(
+    fuse_root: FaultFS, roots: list[Path], backend: str
+) -> None:
+    """Each root has its own writer registry (and token): a temp file on a root is named
+    with that root's token, so a dead writer's cleanup there finds it."""
+    fs = fuse_root
+    async with BlockStore([roots[0], fs.mnt], BS, backend=backend, io_timeout=1.0) as store:
+        fs.hang("write", match="*.tmp")
+        keys = keys_of(40, b"token")
+        _r, bufs = filled_rows(keys, BS)
+        task = asyncio.get_running_loop().create_task(store.put_many(keys, bufs))
+        assert await asyncio.get_running_loop().run_in_executor(None, fs.wait_hung, "write")
+        (lock,) = [p.name for p in (fs.backing / "default" / ".tmp").glob("*.lock")]
+        token = lock[: -len(".lock")]
+        temps = [p.name for p in (fs.backing / "default").rglob("*.tmp") if p.is_file()]
+        assert temps and all(f".{token}." in name for name in temps), (token, temps)
+        fs.release()
+        await task
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+async def test_a_killed_writer_leaves_no_temp_file_on_any_root(
+    roots: list[Path], backend: str
+) -> None:
+    """Each root's registry names that root's temp files (its own writer token), so the
+    next open cleans up after a writer killed mid-batch on every root."""
+    import signal
+
+    from store_helpers import child, reap, stray_files
+
+    args = {"root": [str(r) for r in roots], "bs": BS, "backend": backend, "batch": 64,
+            "batches": 400, "start": 0}  # fmt: skip
+    proc = child("writer", args)
+    try:
+        for _ in range(3):
+            line = proc.stdout.readline() if proc.stdout else ""
+            assert line.startswith("STORED"), line
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        reap(proc)
+    async with BlockStore(roots, BS, backend=backend) as store:
+        assert store.stats()["dead_writers_cleaned"] >= 1
+        for root in roots:
+            assert stray_files(root) == [], root

@@ -499,6 +499,8 @@ static int move_on(struct kvu_core *c, struct block *b, int *status, int32_t *er
     b->made_dirs = b->retry_after_cleanup = 0;
     if (kind != KVU_DELETE)
         b->exists = 0;
+    if (kind == KVU_STORE && kvu_name_tmp(c, b) < 0)
+        goto last; /* (as long as on the first root: cannot happen) */
     kvu_begin(c, b);
     return 1;
 last:

@@ -202,5 +202,6 @@ KVU_HIDDEN int kvu_prepare(struct kvu_core *c, struct block *b);
 KVU_HIDDEN void kvu_begin(struct kvu_core *c, struct block *b);
 KVU_HIDDEN void kvu_end_chain(struct kvu_core *c, struct block *b);
 KVU_HIDDEN void kvu_end_lent_chain(struct kvu_core *c, struct block *b);
+KVU_HIDDEN int kvu_name_tmp(struct kvu_core *c, struct block *b);
 
 #endif

@@ -221,6 +221,15 @@ static unsigned leaf_index_of(const struct kvu_core *c, const uint8_t *key, unsi
     return group * LEAVES + v;
 }
 
+/* The store's temp-file name on its root: the writer token of that root's
+ * registry, so a dead writer's cleanup there finds it.  0 or -ENAMETOOLONG. */
+int kvu_name_tmp(struct kvu_core *c, struct block *b)
+{
+    int r = snprintf(b->tmp, sizeof b->tmp, "%s%sc%llu.tmp", b->path, c->cfg.roots[b->root].marker,
+                     (unsigned long long)++c->tmp_seq);
+    return r < 0 || (size_t)r >= sizeof b->tmp ? -ENAMETOOLONG : 0;
+}
+
 /*
  * What a block needs before its first chain: its path and leaf (by the
  * namespace's layout), its place in the leaf bitmaps, an aligned copy of an
@@ -288,9 +297,8 @@ int kvu_prepare(struct kvu_core *c, struct block *b)
         memcpy(b->line, b->leaf, n);
         b->line[n] = '\n';
         b->line_len = (uint8_t)(n + 1);
-        r = snprintf(b->tmp, sizeof b->tmp, "%s%sc%llu.tmp", b->path, c->cfg.marker,
-                     (unsigned long long)++c->tmp_seq);
-        if (r < 0 || (size_t)r >= sizeof b->tmp) {
+        r = kvu_name_tmp(c, b);
+        if (r < 0) {
             kvu_finish(c, b, KVU_FAILED, kvu_fail(c, -ENAMETOOLONG));
             return -1;
         }

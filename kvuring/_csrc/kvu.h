@@ -170,6 +170,7 @@ struct kvu_root_config {
     int direct;
     unsigned mem_align;
     uint64_t id;                /* the rendezvous seed: stable for the root (from its path) */
+    char marker[64];            /* ".<writer token>." of this root's registry: in temp names */
 };
 
 /* What the core knows of a root (kvu_core_root). */
@@ -202,7 +203,6 @@ struct kvu_core_config {
     int fd_install;             /* stores close through KVU_OP_FD_INSTALL (flush errors seen) */
     int durable;                /* stores: fsync the data before the rename, the directory after */
     char suffix[8];             /* ".kvb" or ".bin" */
-    char marker[64];            /* ".<writer token>." */
 };
 
 struct kvu_core;
