@@ -45,4 +45,4 @@ print("kvuring: sanitized build", u.__file__.split("/build/")[-1], file=sys.stde
 LD_PRELOAD="$asan" PYTHONSAFEPATH=1 PYTHONPATH="$OUT" "$PY" -m pytest -q -s -p no:cacheprovider \
     tests/test_engine.py tests/test_store_api.py tests/test_store_integrity.py \
     tests/test_store_gate.py tests/test_store_offload.py tests/test_store_deadlines.py \
-    tests/test_store_roots.py tests/test_store_fuse.py "$@"
+    tests/test_store_roots.py tests/test_store_fuse.py tests/test_store_capacity_roots.py "$@"
