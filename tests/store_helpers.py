@@ -32,8 +32,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -525,3 +526,39 @@ if __name__ == "__main__":
     except OSError as exc:
         print(json.dumps({"error": [exc.errno, errno.errorcode.get(exc.errno or 0), str(exc)]}))
         sys.exit(3)
+
+
+# ----------------------------------------------------------------------------
+# waiting in async tests
+# ----------------------------------------------------------------------------
+
+
+class Ticker:
+    """Counts event-loop turns (10 ms sleeps) while a test awaits something that hangs."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(0.01)
+            self.ticks += 1
+
+    def __enter__(self) -> Ticker:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+async def until(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Whether ``check()`` turns true within ``timeout`` seconds (polled every 20 ms)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        await asyncio.sleep(0.02)
+    return False

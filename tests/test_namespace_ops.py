@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from faultfs import FaultFS, fault_fs
-from store_helpers import MANIFEST, block_file, locks, new_root, payload, small_ext4
+from store_helpers import MANIFEST, Ticker, block_file, locks, new_root, payload, small_ext4
 
 from kvuring import BlockStore, PollingStore, Status
 from kvuring._namespace import Namespace
@@ -44,27 +44,6 @@ REG = f"{NSP}/.tmp"
 def fs(tmp_path: Path) -> Iterator[FaultFS]:
     with fault_fs(tmp_path) as mounted:
         yield mounted
-
-
-class Ticker:
-    """Counts event-loop turns (10 ms sleeps) while a test awaits something that hangs."""
-
-    def __init__(self) -> None:
-        self.ticks = 0
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(0.01)
-            self.ticks += 1
-
-    def __enter__(self) -> Ticker:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
 
 
 def backing_ns(fs: FaultFS) -> Path:

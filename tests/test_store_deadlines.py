@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from store_helpers import block_file, filled_rows, new_root, payload, rows
+from store_helpers import Ticker, block_file, filled_rows, new_root, payload, rows
 
 from kvuring import BlockStore, PollingStore, Status
 
@@ -48,27 +48,6 @@ def unblock(fifo: Path) -> None:
     except OSError:
         return  # nobody is waiting any more
     os.close(fd)
-
-
-class Ticker:
-    """Counts event-loop turns while a test awaits something that hangs."""
-
-    def __init__(self) -> None:
-        self.ticks = 0
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(0.01)
-            self.ticks += 1
-
-    def __enter__(self) -> Ticker:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
 
 
 @pytest.mark.asyncio

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from faultfs import FaultFS, fault_fs
-from store_helpers import block_file, block_files, filled_rows, payload, rows, stray_files
+from store_helpers import block_file, block_files, filled_rows, payload, rows, stray_files, until
 
 from kvuring import BlockStore, Status
 
@@ -36,15 +36,6 @@ def fs(tmp_path: Path) -> Iterator[FaultFS]:
 
 def keys_of(n: int, tag: bytes) -> list[bytes]:
     return [tag + b"-%03d" % i for i in range(n)]
-
-
-async def until(check: object, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return True
-        await asyncio.sleep(0.02)
-    return False
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])

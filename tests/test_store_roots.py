@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from faultfs import FaultFS, fault_fs
-from store_helpers import block_file, filled_rows, new_root, payload, rows
+from store_helpers import block_file, filled_rows, new_root, payload, rows, until
 
 from kvuring import BlockStore, PollingStore, Status
 
@@ -125,15 +124,6 @@ def fuse_root(tmp_path: Path) -> Iterator[FaultFS]:
         yield fs
 
 
-async def _until(check: object, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return True
-        await asyncio.sleep(0.05)
-    return False
-
-
 @pytest.mark.asyncio(loop_factories=["asyncio"])
 @pytest.mark.parametrize("fault", ["fail", "hang"])
 async def test_a_failing_root_is_skipped_and_used_again(
@@ -183,7 +173,7 @@ async def test_a_failing_root_is_skipped_and_used_again(
         assert set(loads) <= {Status.MISS, Status.FAILED, Status.HIT}
         fs.clear()
         # the hung requests come back, then the root's 2 s pause passes
-        assert await _until(
+        assert await until(
             lambda: all(r["lent"] == 0 and r["retry_in"] == 0.0 for r in store.stats()["roots"])
         )
         fresh = keys_of(40, b"after")

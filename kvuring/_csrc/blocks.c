@@ -899,15 +899,21 @@ unsigned kvu_core_pump(struct kvu_core *c, uint64_t *ud, int32_t *res, unsigned 
     return c->ndone;
 }
 
-unsigned kvu_core_done(struct kvu_core *c, uint64_t *ids, unsigned max)
+/* Move up to max ids from the front of list[0, *len) into ids. */
+static unsigned take_ids(uint64_t *list, unsigned *len, uint64_t *ids, unsigned max)
 {
-    unsigned n = c->ndone < max ? c->ndone : max;
+    unsigned n = *len < max ? *len : max;
     if (!n)
         return 0;
-    memcpy(ids, c->done, n * sizeof *ids);
-    memmove(c->done, c->done + n, (c->ndone - n) * sizeof *ids);
-    c->ndone -= n;
+    memcpy(ids, list, n * sizeof *ids);
+    memmove(list, list + n, (*len - n) * sizeof *ids);
+    *len -= n;
     return n;
+}
+
+unsigned kvu_core_done(struct kvu_core *c, uint64_t *ids, unsigned max)
+{
+    return take_ids(c->done, &c->ndone, ids, max);
 }
 
 unsigned kvu_core_busy(const struct kvu_core *c)
@@ -974,13 +980,7 @@ unsigned kvu_core_abort(struct kvu_core *c, int32_t err)
 /* Batches whose lent blocks have all come back since the last call. */
 unsigned kvu_core_released(struct kvu_core *c, uint64_t *ids, unsigned max)
 {
-    unsigned n = c->nreleased < max ? c->nreleased : max;
-    if (!n)
-        return 0;
-    memcpy(ids, c->released, n * sizeof *ids);
-    memmove(c->released, c->released + n, (c->nreleased - n) * sizeof *ids);
-    c->nreleased -= n;
-    return n;
+    return take_ids(c->released, &c->nreleased, ids, max);
 }
 
 const struct kvu_root_stats *kvu_core_root(const struct kvu_core *c, unsigned root)

@@ -250,16 +250,22 @@ unsigned kvu_pool_wait(struct kvu_pool *p, int until_idle)
     return running;
 }
 
+/* Tell the workers to stop once the queue is empty. */
+static void stop_workers(struct kvu_pool *p)
+{
+    pthread_mutex_lock(&p->mu);
+    p->stop = 1;
+    pthread_cond_broadcast(&p->work);
+    pthread_mutex_unlock(&p->mu);
+}
+
 /* Finish what is queued, stop the threads, close the slots' files. */
 void kvu_pool_free(struct kvu_pool *p)
 {
     unsigned i;
     if (!p)
         return;
-    pthread_mutex_lock(&p->mu);
-    p->stop = 1;
-    pthread_cond_broadcast(&p->work);
-    pthread_mutex_unlock(&p->mu);
+    stop_workers(p);
     for (i = 0; i < p->nthreads; i++)
         pthread_join(p->threads[i], NULL);
     for (i = 0; i < p->nfiles; i++)
@@ -286,10 +292,7 @@ void kvu_pool_abandon(struct kvu_pool *p)
     unsigned i;
     if (!p)
         return;
-    pthread_mutex_lock(&p->mu);
-    p->stop = 1;
-    pthread_cond_broadcast(&p->work);
-    pthread_mutex_unlock(&p->mu);
+    stop_workers(p);
     for (i = 0; i < p->nthreads; i++)
         pthread_detach(p->threads[i]);
 }
