@@ -222,15 +222,7 @@ class StoreFrontEnd:
         return max(16, min(16 * len(self.roots), self.queue_depth))
 
     def _engine_name(self) -> str:
-        """The engine to open (``auto``: threads on a memory filesystem, and over several roots).
-
-        Over several roots ``auto`` takes the thread engine because its
-        workers are the store's own (16 per root): one root's hung requests
-        cannot take the workers the others need, while io_uring's blocking
-        steps share the thread's io-wq workers with every ring (docs/disks.md).
-        """
-        if len(self.roots) > 1 and self.backend_requested == "auto":
-            return "threads"
+        """The engine to open for this namespace (``auto`` is threads on a memory filesystem)."""
         return self._ns.engine_for(self.backend_requested)
 
     def _start(

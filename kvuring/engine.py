@@ -270,6 +270,7 @@ class Ring(Engine):
             _check(b.lib.io_uring_register_eventfd(self._ring, self._efd), "register_eventfd")
             _check(b.lib.io_uring_register_files_sparse(self._ring, table), "register_files_sparse")
             self.max_workers = self._limit_workers(max_workers)
+            self.max_bounded_workers = min(sq_entries, 4 * (os.cpu_count() or 1))
         except BaseException:
             b.lib.io_uring_queue_exit(self._ring)
             self._open = False
@@ -308,6 +309,12 @@ class Ring(Engine):
         """
         if wanted > self.max_workers:
             self.max_workers = self._limit_workers(wanted)
+        # Opens and creates (no file yet) are io-wq's *bounded* work, whose
+        # cap is min(SQ entries, 4 per CPU): raise that one too.
+        if wanted > self.max_bounded_workers:
+            values = b.ffi.new("unsigned int[2]", [wanted, 0])
+            if b.lib.io_uring_register_iowq_max_workers(self._ring, values) == 0:
+                self.max_bounded_workers = wanted
 
     def _limit_workers(self, wanted: int | None) -> int:
         """Cap io-wq's unbounded workers (creates, renames, unlinks).
