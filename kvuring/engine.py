@@ -317,11 +317,12 @@ class Ring(Engine):
                 self.max_bounded_workers = wanted
 
     def _limit_workers(self, wanted: int | None) -> int:
-        """Cap io-wq's unbounded workers (creates, renames, unlinks).
+        """Cap io-wq's unbounded workers (I/O on pipes, sockets, other non-regular files).
 
-        Left alone, io-wq starts a worker per blocked request: hundreds of
-        threads then spin on the same directory locks and burn the CPU that
-        kvuring exists to give back.  A few per core keep the disk busy.
+        Left alone, io-wq starts a worker per blocked unbounded request.
+        Opens, creates, renames, unlinks and regular-file I/O are *bounded*
+        work, which the kernel already caps at min(SQ entries, 4 per CPU)
+        (see widen_workers for raising that).
         """
         env = os.environ.get("KVURING_IOWQ_WORKERS")
         limit = wanted or (int(env) if env else 4 * (os.cpu_count() or 1))
