@@ -14,7 +14,8 @@ from typing import Any
 import xxhash
 
 from kvuring._blocks import BlockCore
-from kvuring._capacity import Capacity, capacity_root_stats, capacity_stats, check_capacity
+from kvuring._budget import capacity_root_stats, capacity_stats, check_capacity
+from kvuring._capacity import Capacity
 from kvuring._driver import Driver
 from kvuring._format import check_layout, check_namespace
 from kvuring._namespace import Namespace
