@@ -13,7 +13,8 @@
  * from its first chain to its status.
  *
  * What each kind of block submits, and what its completions mean, is in
- * chains.c.
+ * chains.c (loads, checks, deletes) and stores.c; deadlines and lent blocks
+ * in deadlines.c; several roots in roots.c.
  *
  * Chains (S = CQE_SKIP_SUCCESS, L = link, H = hard link, A = async, F = fixed file):
  *
@@ -47,9 +48,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
-#include <xxhash.h>
 
 /* ------------------------------------------------------------------------ */
 /* life cycle                                                               */
@@ -136,7 +135,7 @@ void kvu_core_free(struct kvu_core *c)
 /* writing chains                                                           */
 /* ------------------------------------------------------------------------ */
 
-static int grow(void **p, unsigned *cap, unsigned need, size_t size)
+int kvu_grow(void **p, unsigned *cap, unsigned need, size_t size)
 {
     unsigned n = *cap ? *cap : 64;
     void *q;
@@ -158,7 +157,7 @@ void kvu_push(struct kvu_core *c, struct block *b, int op, unsigned flags, int64
 {
     unsigned step = b->nsteps++;
     uint64_t *w;
-    if (grow((void **)&c->words, &c->ops_cap, c->nops + 1, KVU_OP_WORDS * sizeof(uint64_t)) < 0)
+    if (kvu_grow((void **)&c->words, &c->ops_cap, c->nops + 1, KVU_OP_WORDS * sizeof(uint64_t)) < 0)
         abort(); /* a chain half written cannot be taken back */
     w = c->words + (size_t)c->nops++ * KVU_OP_WORDS;
     w[0] = (uint64_t)op;
@@ -226,51 +225,9 @@ int kvu_core_set_spans(struct kvu_core *c, const uint64_t *spans, unsigned n)
 /* finishing                                                                */
 /* ------------------------------------------------------------------------ */
 
-static void drop_unstarted(struct kvu_core *c, struct kvu_batch *b, int32_t err);
-static int move_on(struct kvu_core *c, struct block *b, int *status, int32_t *error);
-static void leave_root(struct kvu_core *c, struct block *b, int lent);
-
-int64_t kvu_now_ns(void)
+void kvu_batch_done(struct kvu_core *c, struct kvu_batch *batch)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-/* The deadline list holds every block in flight for its caller, oldest
- * first: all share one timeout, so start order is deadline order. */
-static void deadline_add(struct kvu_core *c, struct block *b, int64_t now)
-{
-    unsigned self = (unsigned)(b - c->blocks) + 1;
-    b->deadline = now + (int64_t)c->cfg.timeout_ns;
-    b->dl_next = 0;
-    b->dl_prev = c->dl_tail;
-    if (c->dl_tail)
-        c->blocks[c->dl_tail - 1].dl_next = self;
-    else
-        c->dl_head = self;
-    c->dl_tail = self;
-}
-
-static void deadline_remove(struct kvu_core *c, struct block *b)
-{
-    unsigned self = (unsigned)(b - c->blocks) + 1;
-    if (!b->dl_prev && c->dl_head != self)
-        return; /* not on the list */
-    if (b->dl_prev)
-        c->blocks[b->dl_prev - 1].dl_next = b->dl_next;
-    else
-        c->dl_head = b->dl_next;
-    if (b->dl_next)
-        c->blocks[b->dl_next - 1].dl_prev = b->dl_prev;
-    else
-        c->dl_tail = b->dl_prev;
-    b->dl_prev = b->dl_next = 0;
-}
-
-static void batch_done(struct kvu_core *c, struct kvu_batch *batch)
-{
-    if (grow((void **)&c->done, &c->done_cap, c->ndone + 1, sizeof *c->done) < 0)
+    if (kvu_grow((void **)&c->done, &c->done_cap, c->ndone + 1, sizeof *c->done) < 0)
         abort(); /* the batch's owner would wait forever */
     c->done[c->ndone++] = batch->id;
 }
@@ -279,9 +236,9 @@ void kvu_finish(struct kvu_core *c, struct block *b, int status, int32_t error)
 {
     struct kvu_batch *batch = b->batch;
     uint64_t bs = c->cfg.block_size;
-    if (c->cfg.nroots > 1 && move_on(c, b, &status, &error))
+    if (c->cfg.nroots > 1 && kvu_move_on(c, b, &status, &error))
         return;
-    leave_root(c, b, 0);
+    kvu_leave_root(c, b, 0);
     if (b->fixed && (status == KVU_STORED || status == KVU_HIT || status == KVU_CORRUPT ||
                      status == KVU_UNVERIFIED))
         c->st.fixed_transfers++;
@@ -328,10 +285,10 @@ void kvu_finish(struct kvu_core *c, struct block *b, int status, int32_t error)
         c->loads--;
     else if (batch->kind == KVU_STORE)
         c->stores_running--;
-    deadline_remove(c, b);
+    kvu_deadline_remove(c, b);
     c->active--;
     if (!--batch->pending)
-        batch_done(c, batch);
+        kvu_batch_done(c, batch);
     kvu_release(c, b);
 }
 
@@ -353,258 +310,6 @@ int32_t kvu_fail(struct kvu_core *c, int32_t res)
     if (-res > 0 && -res < KVU_ERRNOS)
         c->st.errors[-res]++;
     return -res;
-}
-
-/* ------------------------------------------------------------------------ */
-/* several roots                                                            */
-/* ------------------------------------------------------------------------ */
-
-/* Errors (positive errnos) that say the root itself is failing -- its
- * device, its mount, its server -- not this block: the root is skipped for
- * a while. */
-int kvu_root_failure(int32_t err)
-{
-    switch (err) {
-    case EIO: case ETIMEDOUT: case ENOTCONN: case ECONNABORTED: case ENODEV: case ENXIO:
-    case EROFS: case EHOSTDOWN: case EHOSTUNREACH: case ESHUTDOWN: case ENOMEDIUM:
-        return 1;
-    default:
-        return 0;
-    }
-}
-
-#define ROOT_RETRY_NS 2000000000LL /* a failing root is tried again after 2 s */
-
-void kvu_root_failed(struct kvu_core *c, unsigned root, int32_t err)
-{
-    struct kvu_root_stats *r = &c->roots[root];
-    r->down = 1;
-    r->last_error = err;
-    r->retry_at = kvu_now_ns() + ROOT_RETRY_NS;
-    r->failures++;
-}
-
-/*
- * A failing root is tried again after ROOT_RETRY_NS by one block at a
- * time (the probe), and only once none of its blocks is still in flight or
- * lent: a root whose requests hang keeps no more of the engine's workers
- * than it had when it was found out.
- */
-static int root_usable(const struct kvu_core *c, unsigned root, int64_t *now)
-{
-    const struct kvu_root_stats *r = &c->roots[root];
-    if (!r->down)
-        return 1;
-    if (r->inflight || r->lent)
-        return 0;
-    if (!*now)
-        *now = kvu_now_ns();
-    return *now >= r->retry_at;
-}
-
-/* Put the block on the root at rank position `pos` (keeping the per-root counts). */
-void kvu_set_root(struct kvu_core *c, struct block *b, unsigned pos)
-{
-    if (b->on_root)
-        c->roots[b->root].inflight--;
-    b->pos = (uint8_t)pos;
-    b->root = b->rank[pos];
-    c->roots[b->root].inflight++;
-    b->on_root = 1;
-}
-
-/* The block leaves its root (it ended, or was lent). */
-static void leave_root(struct kvu_core *c, struct block *b, int lent)
-{
-    struct kvu_root_stats *r = &c->roots[b->root];
-    if (!b->on_root)
-        return;
-    r->inflight--;
-    if (lent)
-        r->lent++;
-    else if (c->cfg.nroots > 1)
-        r->last_done = kvu_now_ns();
-    b->on_root = 0;
-}
-
-/* The first usable root at rank position `from` or after: b->root; 1, or 0 if none. */
-int kvu_pick_root(struct kvu_core *c, struct block *b, unsigned from)
-{
-    int64_t now = 0;
-    unsigned i;
-    for (i = from; i < b->nrank; i++) {
-        if (root_usable(c, b->rank[i], &now)) {
-            kvu_set_root(c, b, i);
-            return 1;
-        }
-    }
-    return 0;
-}
-
-/* Rank the roots for a key: highest xxh3(key, seed = root id) first. */
-unsigned kvu_rank_roots(const struct kvu_core_config *cfg, const uint8_t *key, unsigned klen,
-                        uint8_t *rank)
-{
-    uint64_t score[KVU_MAX_ROOTS];
-    unsigned i, j, n = cfg->nroots;
-    for (i = 0; i < n; i++) {
-        uint64_t s = n > 1 ? XXH3_64bits_withSeed(key, klen, cfg->roots[i].id) : 0;
-        for (j = i; j > 0 && score[j - 1] < s; j--) {
-            score[j] = score[j - 1];
-            rank[j] = rank[j - 1];
-        }
-        score[j] = s;
-        rank[j] = (uint8_t)i;
-    }
-    return n;
-}
-
-/*
- * Whether a block that ended on one root goes on to its next root instead:
- * a store whose root is failing or full, a load or presence check that did
- * not find it there (it may have been stored before a root was added, or
- * while its first root was failing), a delete (a key may be on several).
- */
-static int move_on(struct kvu_core *c, struct block *b, int *status, int32_t *error)
-{
-    int kind = b->batch->kind;
-    int failing = *status == KVU_FAILED && kvu_root_failure(*error);
-    unsigned from = b->pos + 1u;
-    if (failing)
-        kvu_root_failed(c, b->root, *error);
-    if (b->batch->cancelled || from >= b->nrank)
-        goto last;
-    if (kind == KVU_STORE && !(failing || (*status == KVU_FAILED &&
-                                           (*error == ENOSPC || *error == EDQUOT))))
-        return 0;
-    if (kind == KVU_LOAD && *status != KVU_MISS && !failing)
-        return 0;
-    if (kind == KVU_STAT && *status != KVU_ABSENT && !failing)
-        return 0;
-    if (kind == KVU_DELETE && *status == KVU_FAILED && !failing)
-        goto last;
-    if (!kvu_pick_root(c, b, from))
-        goto last;
-    if (failing) {
-        /* counted against the root, not the block */
-        c->st.failures--;
-        if (*error < KVU_ERRNOS)
-            c->st.errors[*error]--;
-        b->tried_failed = 1;
-        b->root_error = *error;
-    }
-    if (kind == KVU_DELETE && *status == KVU_PRESENT)
-        b->exists = 1; /* removed from one root: PRESENT whatever the others say */
-    c->roots[b->rank[from - 1]].moved_on++;
-    b->made_dirs = b->retry_after_cleanup = 0;
-    if (kind != KVU_DELETE)
-        b->exists = 0;
-    if (kind == KVU_STORE && kvu_name_tmp(c, b) < 0)
-        goto last; /* (as long as on the first root: cannot happen) */
-    kvu_begin(c, b);
-    return 1;
-last:
-    if (kind == KVU_DELETE && b->exists && *status != KVU_PRESENT) {
-        *status = KVU_PRESENT;
-        *error = 0;
-    } else if ((kind == KVU_LOAD && *status == KVU_MISS) && b->tried_failed) {
-        /* a root that may hold it failed: not a plain miss */
-        *status = KVU_FAILED;
-        *error = kvu_fail(c, -b->root_error);
-    }
-    return 0;
-}
-
-/* Ask the kernel to cancel every step of the block's chain (best effort: a
- * request blocked inside a filesystem may not stop).  The cancels' own
- * completions carry KVU_QUIET_TAG and are dropped. */
-static void cancel_chain(struct kvu_core *c, struct block *b)
-{
-    unsigned step;
-    if (!c->eng->ring)
-        return; /* a thread engine's running chain cannot be stopped */
-    for (step = 0; step < b->nsteps; step++) {
-        uint64_t *w;
-        if (grow((void **)&c->words, &c->ops_cap, c->nops + 1, KVU_OP_WORDS * sizeof(uint64_t)) < 0)
-            return;
-        w = c->words + (size_t)c->nops++ * KVU_OP_WORDS;
-        memset(w, 0, KVU_OP_WORDS * sizeof *w);
-        w[0] = IORING_OP_ASYNC_CANCEL;
-        w[3] = KVU_CORE_TAG | (uint64_t)b->gen << 24 | (uint64_t)(b - c->blocks) << 4 | step;
-        w[6] = KVU_CORE_TAG | KVU_QUIET_TAG;
-    }
-}
-
-/*
- * End a block in flight for its caller now, FAILED with `err`, while the
- * kernel may still have its chain: it stays in its slot, lent, until that
- * chain comes back (kvu_end_lent).
- */
-static void lend(struct kvu_core *c, struct block *b, int32_t err)
-{
-    struct kvu_batch *batch = b->batch;
-    deadline_remove(c, b);
-    cancel_chain(c, b);
-    batch->status[b->index] = KVU_FAILED;
-    batch->error[b->index] = kvu_fail(c, -err);
-    batch->failed++;
-    batch->lent++;
-    if (batch->kind == KVU_LOAD)
-        c->loads--;
-    else if (batch->kind == KVU_STORE)
-        c->stores_running--;
-    b->lent = 1;
-    leave_root(c, b, 1);
-    c->active--;
-    c->lent++;
-    if (!--batch->pending)
-        batch_done(c, batch);
-}
-
-/* A lent block's chain is over for good: give the slot back, and tell the
- * caller once its batch has no block left in the kernel. */
-void kvu_end_lent(struct kvu_core *c, struct block *b)
-{
-    struct kvu_batch *batch = b->batch;
-    b->lent = 0;
-    c->roots[b->root].lent--;
-    c->lent--;
-    if (!--batch->lent && !batch->pending) {
-        if (grow((void **)&c->released, &c->released_cap, c->nreleased + 1, sizeof *c->released) < 0)
-            abort(); /* its owner would hold the buffers forever */
-        c->released[c->nreleased++] = batch->id;
-    }
-    kvu_release(c, b);
-}
-
-/* Deadlines that passed; and, when every slot is held by a lent block
- * (the filesystem hangs), queued blocks end at once rather than wait for
- * a slot that may never come back. */
-static void expire(struct kvu_core *c, int64_t now)
-{
-    while (c->dl_head) {
-        struct block *b = &c->blocks[c->dl_head - 1];
-        if (b->deadline > now)
-            break;
-        c->st.timeouts++;
-        /* The root is failing if nothing on it ended for a whole timeout; a
-         * block late because the engine's workers are busy elsewhere (with
-         * another root's hung requests) does not count against it. */
-        if (c->cfg.nroots > 1 &&
-            now - c->roots[b->root].last_done >= (int64_t)c->cfg.timeout_ns)
-            kvu_root_failed(c, b->root, ETIMEDOUT);
-        lend(c, b, ETIMEDOUT);
-    }
-    if (c->unstarted && !c->nfree && c->lent == c->cfg.slots) {
-        struct kvu_batch *q;
-        while ((q = c->fast.head) || (q = c->stores.head)) {
-            unsigned dropped = q->n - q->next;
-            c->st.timeouts += dropped;
-            c->st.failures += dropped;
-            c->st.errors[ETIMEDOUT] += dropped;
-            drop_unstarted(c, q, ETIMEDOUT);
-        }
-    }
 }
 
 /*
@@ -725,7 +430,7 @@ static void start_block(struct kvu_core *c, struct kvu_batch *batch, int64_t now
     if (batch->kind == KVU_STORE)
         c->stores_running++;
     if (c->cfg.timeout_ns)
-        deadline_add(c, b, now);
+        kvu_deadline_add(c, b, now);
     if (kvu_prepare(c, b) == 0)
         kvu_begin(c, b);
 }
@@ -761,7 +466,7 @@ void kvu_core_add(struct kvu_core *c, struct kvu_batch *b)
     if (b->ready > b->n)
         b->ready = b->n;
     if (!b->n) {
-        batch_done(c, b);
+        kvu_batch_done(c, b);
         return;
     }
     c->unstarted += b->n;
@@ -777,7 +482,7 @@ void kvu_core_add(struct kvu_core *c, struct kvu_batch *b)
 }
 
 /* Blocks of the batch not started yet end FAILED with `err`. */
-static void drop_unstarted(struct kvu_core *c, struct kvu_batch *b, int32_t err)
+void kvu_drop_unstarted(struct kvu_core *c, struct kvu_batch *b, int32_t err)
 {
     unsigned i, dropped = b->n - b->next;
     if (b->queued)
@@ -795,7 +500,7 @@ static void drop_unstarted(struct kvu_core *c, struct kvu_batch *b, int32_t err)
     b->failed += dropped;
     b->pending -= dropped;
     if (!b->pending)
-        batch_done(c, b);
+        kvu_batch_done(c, b);
 }
 
 /* The caller gave up on the batch: blocks not started end FAILED
@@ -805,7 +510,7 @@ void kvu_core_cancel(struct kvu_core *c, struct kvu_batch *b)
     if (b->cancelled || !b->pending)
         return;
     b->cancelled = 1;
-    drop_unstarted(c, b, ECANCELED);
+    kvu_drop_unstarted(c, b, ECANCELED);
 }
 
 /* Closing: store blocks still held back end FAILED (ECANCELED) without
@@ -894,7 +599,7 @@ unsigned kvu_core_pump(struct kvu_core *c, uint64_t *ud, int32_t *res, unsigned 
     }
     *nother = other;
     if (c->cfg.timeout_ns && (c->dl_head || c->unstarted))
-        expire(c, kvu_now_ns());
+        kvu_expire(c, kvu_now_ns());
     kvu_core_flush(c);
     return c->ndone;
 }
@@ -942,48 +647,8 @@ unsigned kvu_core_load_ioprio(const struct kvu_core *c)
 }
 
 
-unsigned kvu_core_lent(const struct kvu_core *c)
-{
-    return c->lent;
-}
-
-/* The earliest deadline of a block in flight (CLOCK_MONOTONIC ns), or -1:
- * the front end wakes the core then, even if no completion comes. */
-int64_t kvu_core_next_deadline(const struct kvu_core *c)
-{
-    if (c->dl_head)
-        return c->blocks[c->dl_head - 1].deadline;
-    if (c->cfg.timeout_ns && c->unstarted && c->lent == c->cfg.slots)
-        return 0; /* queued behind lent blocks only: now */
-    return -1;
-}
-
-/*
- * Closing with I/O that may never come back: every queued block ends
- * FAILED with `err`, every block in flight too, lent until its chain
- * returns.  Returns how many blocks are lent.
- */
-unsigned kvu_core_abort(struct kvu_core *c, int32_t err)
-{
-    unsigned i;
-    struct kvu_batch *q;
-    while ((q = c->fast.head) || (q = c->stores.head))
-        drop_unstarted(c, q, err);
-    for (i = 0; i < c->cfg.slots; i++) {
-        struct block *b = &c->blocks[i];
-        if (b->active && !b->lent)
-            lend(c, b, err);
-    }
-    return c->lent;
-}
-
 /* Batches whose lent blocks have all come back since the last call. */
 unsigned kvu_core_released(struct kvu_core *c, uint64_t *ids, unsigned max)
 {
     return take_ids(c->released, &c->nreleased, ids, max);
-}
-
-const struct kvu_root_stats *kvu_core_root(const struct kvu_core *c, unsigned root)
-{
-    return root < c->cfg.nroots ? &c->roots[root] : NULL;
 }

@@ -1,7 +1,8 @@
 /*
  * blocks.h: the block core's private contract between blocks.c (batches,
- * slots, completions) and chains.c (what each kind of block submits and
- * what its completions mean).  Python never sees these; kvu.h is the
+ * slots, completions), chains.c and stores.c (what each kind of block
+ * submits and what its completions mean), deadlines.c (deadlines, lent
+ * blocks) and roots.c (several roots).  Python never sees these; kvu.h is the
  * public side.
  */
 #ifndef KVU_BLOCKS_H
@@ -182,6 +183,9 @@ static inline int sealed_by_worker(const struct kvu_core *c, const struct kvu_ba
 #define KVU_HIDDEN __attribute__((visibility("hidden")))
 
 /* blocks.c */
+KVU_HIDDEN int kvu_grow(void **p, unsigned *cap, unsigned need, size_t size);
+KVU_HIDDEN void kvu_batch_done(struct kvu_core *c, struct kvu_batch *batch);
+KVU_HIDDEN void kvu_drop_unstarted(struct kvu_core *c, struct kvu_batch *b, int32_t err);
 KVU_HIDDEN void kvu_push(struct kvu_core *c, struct block *b, int op, unsigned flags, int64_t fd,
                          uint64_t addr, uint64_t len, uint64_t off, uint64_t a1, uint64_t a2, uint64_t a3,
                          int32_t rule);
@@ -190,12 +194,22 @@ KVU_HIDDEN void kvu_finish(struct kvu_core *c, struct block *b, int status, int3
 KVU_HIDDEN int32_t kvu_fail(struct kvu_core *c, int32_t res);
 KVU_HIDDEN int kvu_retry(struct kvu_core *c, struct block *b, int32_t res);
 KVU_HIDDEN void kvu_release(struct kvu_core *c, struct block *b);
+
+/* deadlines.c */
+KVU_HIDDEN int64_t kvu_now_ns(void);
+KVU_HIDDEN void kvu_deadline_add(struct kvu_core *c, struct block *b, int64_t now);
+KVU_HIDDEN void kvu_deadline_remove(struct kvu_core *c, struct block *b);
+KVU_HIDDEN void kvu_lend(struct kvu_core *c, struct block *b, int32_t err);
 KVU_HIDDEN void kvu_end_lent(struct kvu_core *c, struct block *b);
+KVU_HIDDEN void kvu_expire(struct kvu_core *c, int64_t now);
+
+/* roots.c */
 KVU_HIDDEN int kvu_root_failure(int32_t err);
 KVU_HIDDEN void kvu_root_failed(struct kvu_core *c, unsigned root, int32_t err);
 KVU_HIDDEN int kvu_pick_root(struct kvu_core *c, struct block *b, unsigned from);
 KVU_HIDDEN void kvu_set_root(struct kvu_core *c, struct block *b, unsigned pos);
-KVU_HIDDEN int64_t kvu_now_ns(void);
+KVU_HIDDEN void kvu_leave_root(struct kvu_core *c, struct block *b, int lent);
+KVU_HIDDEN int kvu_move_on(struct kvu_core *c, struct block *b, int *status, int32_t *error);
 
 /* chains.c */
 KVU_HIDDEN int kvu_prepare(struct kvu_core *c, struct block *b);
@@ -203,5 +217,12 @@ KVU_HIDDEN void kvu_begin(struct kvu_core *c, struct block *b);
 KVU_HIDDEN void kvu_end_chain(struct kvu_core *c, struct block *b);
 KVU_HIDDEN void kvu_end_lent_chain(struct kvu_core *c, struct block *b);
 KVU_HIDDEN int kvu_name_tmp(struct kvu_core *c, struct block *b);
+KVU_HIDDEN void kvu_push_transfer(struct kvu_core *c, struct block *b, int reading, unsigned flags,
+                                  unsigned prio);
+KVU_HIDDEN int32_t kvu_transfer_failure(const struct block *b, const int32_t *res);
+
+/* stores.c */
+KVU_HIDDEN void kvu_store_begin(struct kvu_core *c, struct block *b);
+KVU_HIDDEN void kvu_store_end(struct kvu_core *c, struct block *b);
 
 #endif

@@ -6,8 +6,8 @@
  * idea: ops.c (operation words -> SQEs, CQEs -> arrays, for either engine),
  * chain.c (the same words run with plain syscalls), pool.c (the thread
  * engine's POSIX threads), format.c (paths, trailer, checksums), and
- * blocks.c with chains.c (the per-block state machine every front end
- * drives; blocks.h is their private contract).
+ * blocks.c with chains.c, stores.c, deadlines.c and roots.c (the per-block
+ * state machine every front end drives; blocks.h is their private contract).
  */
 #ifndef KVU_H
 #define KVU_H
