@@ -448,6 +448,18 @@ def new_root(base: Path | None = None) -> Iterator[Path]:
         _remove(root)
 
 
+@pytest.fixture
+def three_roots() -> Iterator[list[Path]]:
+    """Three fresh roots for a store over several (import it as a test module's fixture)."""
+    made = [new_root() for _ in range(3)]
+    try:
+        yield [next(gen) for gen in made]
+    finally:
+        for gen in made:
+            for _ in gen:
+                pass
+
+
 def _make_root(base: Path | None = None) -> Path:
     if base is None:
         base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())

@@ -17,30 +17,21 @@ import contextlib
 import errno
 import os
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import xxhash
-from store_helpers import block_file, filled_rows, new_root, payload
+from store_helpers import block_file, filled_rows, payload, three_roots
 from test_store_capacity import disk_bytes, on_disk
 
 from kvuring import BlockStore, PollingStore, Status
 
+roots = three_roots
+
 BS = 4096
 FS = BS + 4096  # file bytes of a verified block: payload + trailer
-
-
-@pytest.fixture
-def roots() -> Iterator[list[Path]]:
-    made = [new_root() for _ in range(3)]
-    try:
-        yield [next(gen) for gen in made]
-    finally:
-        for gen in made:
-            for _ in gen:
-                pass
 
 
 def keys_of(tag: int, n: int, start: int = 0) -> list[bytes]:

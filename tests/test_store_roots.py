@@ -16,22 +16,13 @@ from pathlib import Path
 
 import pytest
 from faultfs import FaultFS, fault_fs
-from store_helpers import block_file, filled_rows, new_root, payload, rows, until
+from store_helpers import block_file, filled_rows, payload, rows, three_roots, until
 
 from kvuring import BlockStore, PollingStore, Status
 
+roots = three_roots
+
 BS = 16 * 1024
-
-
-@pytest.fixture
-def roots() -> Iterator[list[Path]]:
-    made = [new_root() for _ in range(3)]
-    try:
-        yield [next(gen) for gen in made]
-    finally:
-        for gen in made:
-            for _ in gen:
-                pass
 
 
 def keys_of(n: int, tag: bytes = b"key") -> list[bytes]:
