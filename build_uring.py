@@ -160,7 +160,17 @@ def _kvu_cdef(csrc: str) -> str:
 
 # The C sources, relative to this file (setuptools wants relative paths).
 CSRC = "kvuring/_csrc"
-C_SOURCES = ["ops.c", "chain.c", "pool.c", "format.c", "blocks.c", "chains.c", "stores.c", "deadlines.c", "roots.c"]
+C_SOURCES = [
+    "ops.c",
+    "chain.c",
+    "pool.c",
+    "format.c",
+    "blocks.c",
+    "chains.c",
+    "stores.c",
+    "deadlines.c",
+    "roots.c",
+]
 C_HEADERS = ["kvu.h", "blocks.h"]
 
 # Always -Wall -Wextra; KVURING_STRICT_BUILD=1 (the test run sets it) makes
